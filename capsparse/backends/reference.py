@@ -1,0 +1,96 @@
+"""Plain PyTorch implementations of the backend primitives: the oracle and the fallback.
+
+They favour clarity over speed but stay vectorised (no Python loop over blocks), so the reference
+backend is usable on real models.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def is_available() -> Tuple[bool, str]:
+    return True, "always available"
+
+
+def _bitmap_from_rows(row_ptr: torch.Tensor, row_cols: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Bitmap ``[R, n_cols]`` from CSR-style block metadata; padding entries land in a spare row."""
+    r = row_ptr.numel() - 1
+    capacity = row_cols.numel()
+    counts = torch.cat([row_ptr.diff(), (capacity - row_ptr[-1]).reshape(1)]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(r + 1, device=row_ptr.device), counts, output_size=capacity)
+    bitmap = torch.zeros(r + 1, n_cols, dtype=torch.bool, device=row_ptr.device)
+    bitmap[rows, row_cols.to(torch.int64)] = True
+    return bitmap[:r]
+
+
+def _expand(bitmap: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
+    return bitmap.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+
+
+def bsl_forward(x, weight, bias, row_ptr, row_cols, bm: int, bk: int):
+    bitmap = _bitmap_from_rows(row_ptr, row_cols, weight.shape[1] // bk)
+    return F.linear(x, weight * _expand(bitmap, bm, bk).to(weight.dtype), bias)
+
+
+def bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm: int, bk: int):
+    bitmap_t = _bitmap_from_rows(col_ptr, col_rows, weight.shape[0] // bm)
+    return grad_y @ (weight * _expand(bitmap_t.t(), bm, bk).to(weight.dtype))
+
+
+def bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm: int, bk: int):
+    n, k = grad_y.shape[1], x.shape[1]
+    valid = torch.arange(block_rows.numel(), device=x.device) < nnz
+    rows = torch.where(valid, block_rows.to(torch.int64), n // bm)  # padding -> spare row
+    bitmap = torch.zeros(n // bm + 1, k // bk, dtype=torch.bool, device=x.device)
+    bitmap[rows, block_cols.to(torch.int64)] = True
+    return (grad_y.t() @ x) * _expand(bitmap[:-1], bm, bk).to(x.dtype)
+
+
+def masked_linear_forward(x, masked_weight, bias):
+    return F.linear(x, masked_weight, bias)
+
+
+def contrastive_losses(q, k, query_ids, key_ids, query_labels, key_labels, exclude_index,
+                       temperature: float, normalization: str):
+    """Differentiable CAP losses ``(loss_u, loss_s | None)`` on normalised ``q`` and ``k``.
+
+    Builds ``B x K`` tensors: this is the oracle, the fused paths never do.
+    """
+    logits = (q @ k.t()) / temperature
+    b, n_keys = logits.shape
+    keep = torch.ones(b, n_keys, dtype=torch.bool, device=q.device)
+    has_ex = exclude_index >= 0
+    rows = torch.arange(b, device=q.device)
+    keep[rows[has_ex], exclude_index[has_ex]] = False
+    logits = logits.masked_fill(~keep, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    log_prob = log_prob.masked_fill(~keep, 0.0)
+
+    def one(positive):
+        positive = positive & keep
+        count = positive.sum(1)
+        per_row = (log_prob * positive).sum(1) / count.clamp(min=1)
+        if normalization == "official":
+            return -per_row.sum() / count.sum().clamp(min=1)
+        anchors = count > 0
+        return -(per_row * anchors).sum() / anchors.sum().clamp(min=1)
+
+    loss_u = one(query_ids[:, None] == key_ids[None, :])
+    loss_s = None
+    if query_labels is not None and key_labels is not None:
+        loss_s = one(query_labels[:, None] == key_labels[None, :])
+    return loss_u, loss_s
+
+
+def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_index,
+                    temperature: float, normalization: str):
+    with torch.enable_grad():
+        q_leaf = q.detach().requires_grad_(True)
+        loss_u, loss_s = contrastive_losses(q_leaf, k.detach(), query_ids, key_ids, query_labels, key_labels,
+                                            exclude_index, temperature, normalization)
+        grad_u = torch.autograd.grad(loss_u, q_leaf, retain_graph=loss_s is not None)[0]
+        grad_s = torch.autograd.grad(loss_s, q_leaf)[0] if loss_s is not None else None
+    return (loss_u.detach().float(), None if loss_s is None else loss_s.detach().float(), grad_u, grad_s)

@@ -1,0 +1,88 @@
+"""The one place where a backend is chosen, before autograd records anything.
+
+Order of precedence: the ``backend=`` argument, then the ``CAPSPARSE_BACKEND`` environment
+variable, then the default for the tensor's device (``cpu`` when the C++ extension is built,
+else ``reference``; on CUDA ``triton``, else ``reference``). Forcing an unavailable backend is an
+error that says why it is unavailable; the automatic choice falls back with one warning.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import lru_cache
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "CAPSPARSE_BACKEND"
+_warned: set = set()
+
+
+@lru_cache(maxsize=None)
+def get_backend(name: str) -> ModuleType:
+    """The backend module ``capsparse.backends.<name>`` (imported on first use)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    return importlib.import_module(f"capsparse.backends.{name}")
+
+
+def backend_status(name: str) -> Tuple[bool, str]:
+    try:
+        module = get_backend(name)
+    except ImportError as exc:  # a backend whose module cannot even import is unavailable
+        return False, f"capsparse.backends.{name} failed to import: {exc}"
+    return module.is_available()
+
+
+def available_backends() -> Dict[str, Tuple[bool, str]]:
+    """``{name: (available, reason)}`` for every backend."""
+    return {name: backend_status(name) for name in BACKENDS}
+
+
+def _device_default(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        return "cpu"
+    return "reference"
+
+
+def resolve_backend(device: torch.device, backend: Optional[str] = None, op: str = "op") -> str:
+    """Name of the backend that runs ``op`` on ``device``.
+
+    Args:
+        device: device of the op's inputs.
+        backend: forced backend name, or ``None`` for the environment variable / default.
+    """
+    forced = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if forced is not None:
+        if forced not in BACKENDS:
+            source = "backend" if backend is not None else ENV_VAR
+            raise ValueError(f"{source}: expected one of {BACKENDS}, got {forced!r}")
+        ok, reason = backend_status(forced)
+        if not ok:
+            raise RuntimeError(f"backend {forced!r} was requested for {op} but is unavailable: {reason}")
+        _check_device(forced, device)
+        return forced
+    choice = _device_default(device)
+    if choice != "reference":
+        ok, reason = backend_status(choice)
+        if not ok:
+            if choice not in _warned:
+                _warned.add(choice)
+                warnings.warn(f"capsparse: backend {choice!r} unavailable ({reason}); using 'reference'",
+                              RuntimeWarning, stacklevel=3)
+            choice = "reference"
+    return choice
+
+
+def _check_device(name: str, device: torch.device) -> None:
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend: 'cpu' runs on CPU tensors only, got tensors on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend: 'cuda' runs on CUDA tensors only, got tensors on {device}")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
