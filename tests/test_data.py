@@ -336,6 +336,28 @@ def test_mnli_and_qqp_layouts(tmp_path):
     assert ds[0] == {"question1": "A?", "question2": "B?", "label": 1, "idx": 0}
 
 
+def test_hub_fallback_when_online(tmp_path, monkeypatch):
+    # Simulated hub (no network): the loader keeps text+label, casts labels to int and renumbers idx.
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        feats = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
+                                   "label": datasets.ClassLabel(names=["entailment", "not_entailment"]),
+                                   "idx": datasets.Value("int32")})
+        return datasets.Dataset.from_dict({"sentence1": ["a", "b", "c"], "sentence2": ["x", "y", "z"],
+                                           "label": [1, 0, 1], "idx": [7, 8, 9]}, features=feats)
+
+    monkeypatch.setattr(G, "hub_offline", lambda: False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_glue("RTE", "dev", glue_dir=tmp_path, max_examples=2, seed=0)
+    assert calls == [("nyu-mll/glue", "rte", "validation")]
+    assert ds.column_names == ["sentence1", "sentence2", "label", "idx"]
+    assert ds["idx"][:] == [0, 1] and ds.features["label"].dtype == "int64"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tokenisation + cache
 # ---------------------------------------------------------------------------------------------------------
