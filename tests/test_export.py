@@ -1,0 +1,105 @@
+"""Compressed export: round trip gives the same logits, files shrink with sparsity, no pickle."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from capsparse import sparsify
+from capsparse.export import (META_FILE, WEIGHTS_FILE, encoder_sparsity, export_compressed, is_compressed_dir,
+                              load_compressed, size_report)
+from capsparse.surgery import sparse_layers
+
+
+def tiny_bert(num_labels=2, hidden=64, layers=2, inter=128, vocab=120):
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=4, intermediate_size=inter, max_position_embeddings=64,
+                                     num_labels=num_labels)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def prune_randomly(model, density, block_size=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _, mod in sparse_layers(model):
+        shape = mod.mask.shape if block_size is None else mod.block_mask.shape
+        mask = torch.rand(shape, generator=g) < density
+        mod.set_mask(mask)
+
+
+def inputs(vocab=120):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+
+
+@pytest.mark.parametrize("block_size", [None, 16, (32, 16)])
+def test_round_trip_same_logits(tmp_path, block_size):
+    model = tiny_bert()
+    sparsify(model, block_size=block_size)
+    prune_randomly(model, 0.3, block_size)
+    with torch.no_grad():
+        ref = model(**inputs()).logits
+    meta = export_compressed(model, tmp_path / "exp", extra_metadata={"task": "sst2"})
+    assert is_compressed_dir(tmp_path / "exp")
+    assert meta["extra"]["task"] == "sst2"
+    loaded = load_compressed(tmp_path / "exp", backend="reference")
+    kinds = {type(m).__name__ for _, m in sparse_layers(loaded)}
+    assert kinds == {"SparseLinear"}
+    assert len(sparse_layers(loaded)) == len(sparse_layers(model))
+    for (n1, m1), (n2, m2) in zip(sparse_layers(model), sparse_layers(loaded)):
+        assert n1 == n2 and m1.block_size == m2.block_size
+        assert torch.equal(m1.element_mask(), m2.element_mask())
+        assert torch.equal(m1.weight * m1.element_mask(), m2.weight)
+    with torch.no_grad():
+        out = loaded(**inputs()).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert encoder_sparsity(loaded)["global"] == pytest.approx(encoder_sparsity(model)["global"])
+
+
+def test_file_shrinks_with_sparsity(tmp_path):
+    sizes = {}
+    for density in (1.0, 0.5, 0.1):
+        model = tiny_bert(hidden=128, inter=512, vocab=50)
+        sparsify(model)
+        prune_randomly(model, density)
+        export_compressed(model, tmp_path / str(density))
+        sizes[density] = (tmp_path / str(density) / WEIGHTS_FILE).stat().st_size
+    assert sizes[0.1] < sizes[0.5] < sizes[1.0] * 1.05
+    # encoder is most of this model: 10% density must cut the file well below half
+    assert sizes[0.1] < 0.45 * sizes[1.0]
+    rep = size_report(tmp_path / "0.1")
+    assert rep["ratio"] < 0.45 and 0.85 < rep["sparsity"] < 0.95
+
+
+def test_block_export_stores_only_kept_blocks(tmp_path):
+    model = tiny_bert(hidden=64, inter=128)
+    sparsify(model, block_size=32)
+    prune_randomly(model, 0.25, 32)
+    export_compressed(model, tmp_path / "e")
+    from safetensors import safe_open
+
+    meta = json.loads((tmp_path / "e" / META_FILE).read_text())
+    with safe_open(str(tmp_path / "e" / WEIGHTS_FILE), framework="pt") as f:
+        for name, info in meta["layers"].items():
+            blocks = f.get_tensor(f"{name}.weight.blocks")
+            idx = f.get_tensor(f"{name}.weight.block_index")
+            assert blocks.shape == (info["nnz_blocks"], 32, 32)
+            assert idx.shape == (info["nnz_blocks"], 2) and idx.dtype == torch.int32
+            assert f"{name}.weight" not in f.keys()
+
+
+def test_dense_model_and_tokenizer(tmp_path):
+    model = tiny_bert()
+    export_compressed(model, tmp_path / "d")
+    loaded = load_compressed(tmp_path / "d")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).logits, model(**inputs()).logits)
+    with pytest.raises(FileNotFoundError, match=META_FILE):
+        load_compressed(tmp_path)
+    model.save_pretrained(tmp_path / "hf")
+    assert not is_compressed_dir(tmp_path / "hf")
+    transformers.BertTokenizerFast  # noqa: B018 - tokenizer loading is covered by test_cli
