@@ -456,11 +456,11 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def _dataset_fingerprint(dataset, text_fields: Sequence[str]) -> str:
     h = hashlib.sha256()
-    for c in list(text_fields) + ["label", "idx"]:
-        if c in dataset.column_names:
-            h.update(c.encode() + b"\x00")
-            for v in dataset[c]:
-                h.update(repr(v).encode() + b"\x01")
+    cols = [c for c in list(text_fields) + ["label", "idx"] if c in dataset.column_names]
+    data = dataset.select_columns(cols).with_format(None)[:] if len(dataset) else {c: [] for c in cols}
+    for c in cols:
+        h.update(c.encode() + b"\x00")
+        h.update(json.dumps(list(data[c]), ensure_ascii=False).encode())
     return h.hexdigest()
 
 
@@ -512,7 +512,8 @@ def tokenize_dataset(dataset, tokenizer, task: Union[str, GlueTask], max_length:
             out["token_type_ids"] = enc["token_type_ids"]
         else:
             out["token_type_ids"] = [[0] * len(ids) for ids in enc["input_ids"]]
-        out["labels"] = batch["label"]
+        if "label" in batch:
+            out["labels"] = batch["label"]
         return out
 
     remove = [c for c in dataset.column_names if c != "idx"]
