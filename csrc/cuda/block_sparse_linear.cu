@@ -200,17 +200,16 @@ __device__ __forceinline__ void write_tile(const float* Cs, int ldc, T* __restri
       if (bias != nullptr) c += Cvt<T>::to(bias[col]);
       dst[row * ldd + col] = Cvt<T>::from(c);
     } else {
-      union { uint4 v; unsigned int w[4]; } u;
-      u.v = make_uint4(0u, 0u, 0u, 0u);
+      unsigned int w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         float c = Cs[row * ldc + col + e];
         if (bias != nullptr) c += Cvt<T>::to(bias[col + e]);
         const unsigned int b = Bits<T>::get(Cvt<T>::from(c));
-        if (sizeof(T) == 4) u.w[e] = b;
-        else u.w[e / 2] |= b << (16 * (e & 1));
+        if (sizeof(T) == 4) w[e] = b;
+        else w[e / 2] |= b << (16 * (e & 1));
       }
-      *reinterpret_cast<uint4*>(dst + row * ldd + col) = u.v;
+      *reinterpret_cast<uint4*>(dst + row * ldd + col) = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
 }
