@@ -1,0 +1,459 @@
+"""The ``capsparse`` command line: finetune, prune, eval, export, bench, demo, predict.
+
+Every subcommand accepts ``--config FILE`` (YAML or JSON: a mapping from option names, with ``-`` or
+``_``, to values); flags given on the command line override the file. All options are validated before
+any work starts: argparse errors and domain errors (bad values, missing files) exit with status 2 and a
+one-line message naming the flag, the value and what was expected. Set ``CAPSPARSE_DEBUG=1`` (or pass
+``--debug``) to see full tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
+RECIPES = ("glue-unstructured", "glue-structured", "squad-unstructured", "squad-structured")
+BLOCK_SIZES = (16, 32, 64, 128)
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# -- argparse helpers ------------------------------------------------------------------------------------
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default also prints the usage)
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="YAML or JSON file of option values (keys are option names); command-line flags override it")
+    p.add_argument("--output-dir", metavar="DIR", default=None,
+                   help="run directory: config.json, metrics.json, run.log, plots and model files go here "
+                        "(default: runs/<command>-<task>-<time>)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (data subset, initialisation, shuffling)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--debug", action="store_true", default=False, help="show full tracebacks on errors")
+    if data:
+        p.add_argument("--task", default="sst2", help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, mnli, qqp")
+        p.add_argument("--glue-dir", metavar="DIR", default=None,
+                       help="local GLUE directory (default: $CAPSPARSE_GLUE_DIR, then shared/glue next to the repo)")
+        p.add_argument("--max-length", type=int, default=128, help="maximum tokens per example (truncation)")
+        p.add_argument("--batch-size", type=int, default=32, help="training batch size (per step)")
+        p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
+        p.add_argument("--max-eval-examples", type=int, default=None,
+                       help="evaluate on a seeded subset of this many dev examples (default: all)")
+    if train:
+        p.add_argument("--max-train-examples", type=int, default=None,
+                       help="train on a seeded random subset of this many examples (default: the whole train set)")
+        p.add_argument("--epochs", type=float, default=3.0, help="training epochs (ignored when --max-steps is set)")
+        p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+        p.add_argument("--learning-rate", type=float, default=None,
+                       help="weight learning rate (default: 5e-5 for finetune; the recipe's value for prune, 3e-5)")
+        p.add_argument("--warmup-ratio", type=float, default=None, help="LR warm-up as a fraction of the steps")
+        p.add_argument("--logging-steps", type=int, default=None,
+                       help="log loss/sparsity every N steps (default: about 20 points per run)")
+        p.add_argument("--eval-during-training", action="store_true", default=False,
+                       help="also evaluate on the dev set at every logging step (slower)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="capsparse", formatter_class=_Formatter,
+                     description="High-sparsity pruning of BERT-class models with CAP (Contrastive Pruning).",
+                     epilog="Run `capsparse <command> --help` for the options of a command. "
+                            "`capsparse demo` runs a small end-to-end example on the default model in minutes.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"capsparse {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("finetune", formatter_class=_Formatter, help="fine-tune a dense model (e.g. a KD teacher)",
+                       description="Fine-tune a dense model on a GLUE task; the result can serve as --teacher for prune.")
+    _add_common(p)
+    p.add_argument("--model", default="default",
+                   help="model directory or name; 'default' is the bundled all-MiniLM-L6-v2 (6 layers, 384 wide)")
+
+    p = sub.add_parser("prune", formatter_class=_Formatter, help="prune a model (CAP or a plain baseline)",
+                       description="Prune while fine-tuning (fine-pruning), with or without CAP's contrastive terms. "
+                                   "Defaults come from --recipe (the paper's official scripts); flags override them. "
+                                   "Writes a compressed export (only kept weights) to <output-dir>/compressed.")
+    _add_common(p)
+    p.add_argument("--model", default="default",
+                   help="model to prune (the student's start): a directory, hub name or 'default'")
+    p.add_argument("--teacher", default=None,
+                   help="fine-tuned dense teacher for distillation (directory; a compressed export works too). "
+                        "Without one, distillation is switched off (w_kd=0, w_ce=1)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="pruning criterion (default: the recipe's: movement for *-unstructured, first-order for "
+                        "*-structured)")
+    p.add_argument("--cap", dest="cap", action="store_true", default=None,
+                   help="add CAP's contrastive terms (PrC, SnC, FiC) to the loss (default: on)")
+    p.add_argument("--no-cap", dest="cap", action="store_false", help="plain baseline: no contrastive terms")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="target fraction of pruned encoder-linear weights, in [0, 1) (default: the recipe's, 0.9)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"block side for block-movement, one of {BLOCK_SIZES} (default: the recipe's, 32)")
+    p.add_argument("--recipe", choices=RECIPES, default="glue-unstructured",
+                   help="hyper-parameter defaults from the official CAP scripts (cap-method.md section 4)")
+    p.add_argument("--cap-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="set any other CAPConfig field, e.g. --cap-option temperature=0.1 --cap-option w_u=0.1 "
+                        "(repeatable; values are parsed as JSON, else taken as strings)")
+
+    p = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate a model on a GLUE dev set",
+                       description="Evaluate a model directory or a compressed export on a GLUE split.")
+    _add_common(p, train=False)
+    p.add_argument("--model", required=False, default=None,
+                   help="model directory (transformers format or a capsparse compressed export); required")
+    p.add_argument("--split", default="validation", help="split to evaluate (validation/dev, train, ...)")
+
+    p = sub.add_parser("export", formatter_class=_Formatter, help="write a compressed export (only kept weights)",
+                       description="Export a pruned model storing only the kept weights. The input is a compressed "
+                                   "export (re-exported, e.g. with --fp16) or a transformers directory whose pruned "
+                                   "weights are exact zeros (masks are taken from the non-zeros).")
+    _add_common(p, data=False, train=False)
+    p.add_argument("--model", default=None, help="input model directory; required")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"for a transformers input: block layout side in {BLOCK_SIZES} (a block is kept when any "
+                        f"of its weights is non-zero); default: element masks")
+    p.add_argument("--fp16", action="store_true", default=False, help="store kept values in float16")
+
+    p = sub.add_parser("bench", formatter_class=_Formatter, help="run a benchmark suite from benchmarks/",
+                       description="Run benchmarks/bench_<SUITE>.py's main(argv); arguments after the suite name "
+                                   "are passed to it (use `capsparse bench SUITE -- --help` for its options).")
+    p.add_argument("suite", nargs="?", default=None, help="suite name (bench_<suite>.py); omit to list suites")
+    p.add_argument("suite_args", nargs=argparse.REMAINDER, help="arguments for the suite")
+    p.add_argument("--config", metavar="FILE", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", default=False, help="show full tracebacks on errors")
+
+    p = sub.add_parser("demo", formatter_class=_Formatter,
+                       help="small end-to-end demo: teacher, CAP-m vs movement at 90%%, export, table",
+                       description="On the default model and SST-2: fine-tune a teacher briefly, prune to --sparsity "
+                                   "with CAP-m and with plain movement (same budget), evaluate both on SST-2 dev, "
+                                   "export both and print a table. About 10 minutes on 2 CPU cores; --quick is a "
+                                   "1-2 minute smoke run.")
+    _add_common(p, train=False)
+    p.set_defaults(max_length=64, output_dir=None, task="sst2")
+    p.add_argument("--model", default="default", help="model directory or 'default'")
+    p.add_argument("--quick", action="store_true", default=False,
+                   help="tiny budget (a smoke test: numbers are not meaningful)")
+    p.add_argument("--train-examples", type=int, default=None,
+                   help="SST-2 training subset size (default 2000; --quick 256)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher fine-tuning steps (default 60; --quick 8)")
+    p.add_argument("--prune-steps", type=int, default=None,
+                   help="pruning steps per method (default 150; --quick 12)")
+    p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity for both pruned models")
+    p.add_argument("--learning-rate", type=float, default=None, help="weight learning rate (default 5e-5)")
+
+    p = sub.add_parser("predict", formatter_class=_Formatter, help="classify sentences with a model",
+                       description="Print the predicted label (and probabilities) for each input.")
+    _add_common(p, data=False, train=False)
+    p.add_argument("--model", default=None, help="model directory (transformers or compressed export); required")
+    p.add_argument("--text", action="append", default=None,
+                   help="input text (repeatable); for sentence-pair tasks separate the pair with ' ||| '")
+    p.add_argument("--input", metavar="FILE", default=None, help="file with one input per line ('-' for stdin)")
+    p.add_argument("--task", default=None, help="GLUE task, for label names (default: the model config's labels)")
+    p.add_argument("--max-length", type=int, default=128, help="maximum tokens per input")
+    p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
+    p.add_argument("--json", action="store_true", default=False, help="print one JSON object per line")
+    return parser
+
+
+# -- config files ------------------------------------------------------------------------------------------
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """A mapping from a YAML (``.yaml``/``.yml``) or JSON file; other extensions: JSON, then YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--config: file {path!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            try:
+                data = json.loads(text)
+            except ValueError:
+                import yaml
+
+                data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - yaml/json errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"--config: cannot parse {path!r} ({first})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CLIError(f"--config: expected a mapping of option names to values in {path!r}, got "
+                       f"{type(data).__name__}")
+    return data
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def _apply_config(sub: argparse.ArgumentParser, config: Dict[str, Any], path: str) -> None:
+    """Set the subparser's defaults from ``config`` (so that explicit flags still win)."""
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in config.items():
+        dest = str(key).replace("-", "_")
+        if dest in ("no_cap",):
+            dest, value = "cap", not value
+        if dest not in actions:
+            known = ", ".join(sorted(d.replace("_", "-") for d in actions))
+            raise CLIError(f"--config: unknown option {key!r} in {path!r}; known options: {known}")
+        action = actions[dest]
+        if value is not None and action.type is not None and not isinstance(value, (list, dict, bool)):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise CLIError(f"--config: option {key!r} in {path!r} = {value!r}: expected "
+                               f"{getattr(action.type, '__name__', 'a valid value')}") from None
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise CLIError(f"--config: option {key!r} in {path!r} = {value!r}: expected one of "
+                           f"{list(action.choices)}")
+        if isinstance(action, argparse._AppendAction) and value is not None and not isinstance(value, list):
+            value = [value]
+        if isinstance(action, argparse._AppendAction) and isinstance(value, list):
+            # config lists for --cap-option may also be given as a mapping
+            pass
+        if dest == "cap_option" and isinstance(value, dict):
+            value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+        defaults[dest] = value
+    sub.set_defaults(**defaults)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` with ``--config`` support; returns the validated namespace (raises CLIError / SystemExit)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        config = load_config_file(args.config)
+        sub = _subparser(parser, args.command)
+        _apply_config(sub, config, args.config)
+        args = parser.parse_args(argv)
+    validate(args)
+    return args
+
+
+# -- validation ------------------------------------------------------------------------------------------------
+
+def _need(cond: bool, flag: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise CLIError(f"{flag}: got {value!r}, expected {expected}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_model(flag: str, value: Any, required: bool = False) -> None:
+    if value is None:
+        _need(not required, flag, value, "a model directory")
+        return
+    _need(isinstance(value, str) and value != "", flag, value, "a model directory, hub name or 'default'")
+    if value == "default":
+        return
+    looks_local = os.sep in value or value.startswith(".") or Path(value).exists()
+    if looks_local and not Path(value).is_dir():
+        raise CLIError(f"{flag}: got {value!r}, expected an existing model directory")
+    if Path(value).is_dir():
+        has = any((Path(value) / f).is_file() for f in ("config.json", "capsparse.json"))
+        _need(has, flag, value, "a directory with config.json (transformers) or capsparse.json (compressed export)")
+
+
+def parse_cap_options(items: Optional[List[str]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        if not isinstance(item, str) or "=" not in item:
+            raise CLIError(f"--cap-option: got {item!r}, expected KEY=VALUE (e.g. temperature=0.1)")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if not key.isidentifier():
+            raise CLIError(f"--cap-option: got key {key!r}, expected a CAPConfig field name")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check every option before any work starts; raises CLIError naming the flag, value and expectation."""
+    cmd = args.command
+    if cmd == "bench":
+        return
+    if getattr(args, "seed", None) is not None:
+        _need(_is_int(args.seed) and args.seed >= 0, "--seed", args.seed, "a non-negative integer")
+    if getattr(args, "threads", None) is not None:
+        _need(_is_int(args.threads) and args.threads >= 1, "--threads", args.threads, "a positive integer")
+    if getattr(args, "output_dir", None) is not None:
+        _need(isinstance(args.output_dir, str) and args.output_dir.strip() != "", "--output-dir", args.output_dir,
+              "a directory path")
+        out = Path(args.output_dir)
+        _need(not out.exists() or out.is_dir(), "--output-dir", args.output_dir, "a directory (it is a file)")
+    if hasattr(args, "task") and args.task is not None:
+        try:
+            from .data import get_glue_task
+
+            get_glue_task(args.task)
+        except ValueError:
+            from .data import glue_task_names
+
+            raise CLIError(f"--task: got {args.task!r}, expected one of {', '.join(glue_task_names())}") from None
+    for flag in ("max_length", "batch_size", "eval_batch_size"):
+        if hasattr(args, flag):
+            v = getattr(args, flag)
+            _need(_is_int(v) and v >= 1, "--" + flag.replace("_", "-"), v, "a positive integer")
+    if hasattr(args, "max_length"):
+        _need(args.max_length <= 4096, "--max-length", args.max_length, "at most 4096 tokens")
+    for flag in ("max_train_examples", "max_eval_examples", "max_steps", "logging_steps", "train_examples",
+                 "teacher_steps", "prune_steps"):
+        v = getattr(args, flag, None)
+        if v is not None:
+            _need(_is_int(v) and v >= 1, "--" + flag.replace("_", "-"), v, "a positive integer")
+    if getattr(args, "epochs", None) is not None:
+        _need(_is_num(args.epochs) and args.epochs > 0, "--epochs", args.epochs, "a positive number")
+    if getattr(args, "learning_rate", None) is not None:
+        _need(_is_num(args.learning_rate) and 0 < args.learning_rate < 1, "--learning-rate", args.learning_rate,
+              "a number in (0, 1)")
+    if getattr(args, "warmup_ratio", None) is not None:
+        _need(_is_num(args.warmup_ratio) and 0 <= args.warmup_ratio < 1, "--warmup-ratio", args.warmup_ratio,
+              "a number in [0, 1)")
+    if getattr(args, "glue_dir", None) is not None:
+        _need(Path(args.glue_dir).is_dir(), "--glue-dir", args.glue_dir, "an existing directory")
+    if getattr(args, "sparsity", None) is not None:
+        _need(_is_num(args.sparsity) and 0 <= args.sparsity < 1, "--sparsity", args.sparsity,
+              "a fraction in [0, 1), e.g. 0.9 for 90%")
+    if getattr(args, "block_size", None) is not None:
+        _need(args.block_size in BLOCK_SIZES, "--block-size", args.block_size, f"one of {list(BLOCK_SIZES)}")
+    if cmd in ("finetune", "prune", "demo"):
+        _check_model("--model", args.model)
+    if cmd == "prune":
+        _check_model("--teacher", args.teacher)
+        args.cap_options = parse_cap_options(args.cap_option)
+        method = args.method
+        if args.block_size is not None and method not in (None, "block-movement"):
+            raise CLIError(f"--block-size: got {args.block_size!r} with --method {method}, expected --block-size "
+                           f"only with --method block-movement")
+        if method == "first-order" and args.recipe.endswith("unstructured"):
+            args.recipe = args.recipe.replace("unstructured", "structured")
+    if cmd in ("eval", "predict", "export"):
+        _check_model("--model", args.model, required=True)
+    if cmd == "eval":
+        try:
+            from .data import get_glue_task
+
+            get_glue_task(args.task).resolve_split(args.split)
+        except ValueError as exc:
+            raise CLIError(f"--split: got {args.split!r}, expected a split of {args.task} ({exc})") from None
+    if cmd == "predict":
+        if not args.text and not args.input:
+            raise CLIError("--text/--input: got neither, expected at least one --text or an --input file")
+        if args.input not in (None, "-") and not Path(args.input).is_file():
+            raise CLIError(f"--input: got {args.input!r}, expected an existing file (or '-' for stdin)")
+
+
+# -- commands --------------------------------------------------------------------------------------------------
+
+def list_bench_suites() -> List[str]:
+    if not BENCH_DIR.is_dir():
+        return []
+    return sorted(p.stem[len("bench_"):] for p in BENCH_DIR.glob("bench_*.py"))
+
+
+def run_bench(suite: Optional[str], suite_args: List[str]) -> int:
+    import importlib.util
+
+    suites = list_bench_suites()
+    if suite is None:
+        print("available benchmark suites: " + (", ".join(suites) if suites else f"none (no {BENCH_DIR}/bench_*.py)"))
+        return 0
+    path = BENCH_DIR / f"bench_{suite}.py"
+    if not path.is_file():
+        raise CLIError(f"bench: got suite {suite!r}, expected one of {suites or '(none found)'} "
+                       f"(looked for {path})")
+    if suite_args and suite_args[0] == "--":
+        suite_args = suite_args[1:]
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        spec = importlib.util.spec_from_file_location(f"capsparse_bench_{suite}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "main"):
+            raise CLIError(f"bench: {path} has no main(argv) function")
+        result = module.main(list(suite_args))
+    finally:
+        if sys.path and sys.path[0] == str(BENCH_DIR):
+            sys.path.pop(0)
+    return int(result) if isinstance(result, int) else 0
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "bench":
+        return run_bench(args.suite, args.suite_args)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from . import pipeline
+
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "debug")}
+    fn = {"finetune": pipeline.finetune_from_args, "prune": pipeline.prune_from_args,
+          "eval": pipeline.evaluate_from_args, "export": pipeline.export_from_args,
+          "demo": pipeline.demo_from_args, "predict": pipeline.predict_from_args}[args.command]
+    fn(options)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``capsparse`` console script. Returns the exit status (also used by ``sys.exit``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CAPSPARSE_DEBUG", "") not in ("", "0")
+    try:
+        args = parse_args(argv)
+        return dispatch(args)
+    except CLIError as exc:
+        if debug:
+            raise
+        print(f"capsparse: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        if debug:
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"capsparse: error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("capsparse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
