@@ -162,7 +162,8 @@ class BlockLayout:
         rows = self.block_rows[:nnz].to(torch.int64)
         blocks = weight.reshape(self.shape[0] // bm, bm, self.shape[1] // bk, bk).permute(0, 2, 1, 3)
         values = blocks[rows, col].contiguous()
-        return torch.sparse_bsr_tensor(crow, col, values, size=self.shape, dtype=weight.dtype, device=weight.device)
+        return torch.sparse_bsr_tensor(crow, col, values, size=self.shape, dtype=weight.dtype, device=weight.device,
+                                       check_invariants=True)
 
     @classmethod
     def from_sparse_bsr(cls, bsr: torch.Tensor) -> Tuple["BlockLayout", torch.Tensor]:

@@ -87,10 +87,35 @@ def contrastive_losses(q, k, query_ids, key_ids, query_labels, key_labels, exclu
 
 def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_index,
                     temperature: float, normalization: str):
-    with torch.enable_grad():
-        q_leaf = q.detach().requires_grad_(True)
-        loss_u, loss_s = contrastive_losses(q_leaf, k.detach(), query_ids, key_ids, query_labels, key_labels,
-                                            exclude_index, temperature, normalization)
-        grad_u = torch.autograd.grad(loss_u, q_leaf, retain_graph=loss_s is not None)[0]
-        grad_s = torch.autograd.grad(loss_s, q_leaf)[0] if loss_s is not None else None
-    return (loss_u.detach().float(), None if loss_s is None else loss_s.detach().float(), grad_u, grad_s)
+    """Losses and their analytic gradients w.r.t. ``q`` (keys constant), with ``B x K`` temporaries.
+
+    For row ``i`` with positives ``P_i``: ``d r_i / d q_i = (mean_{k in P_i} k - sum_k p_ik k) / tau``,
+    and each loss is ``-c * sum_i r_i`` with ``c = 1 / sum_i |P_i|`` (official) or ``1 / |A|`` (supcon).
+    """
+    logits = (q @ k.t()) / temperature
+    b, n_keys = logits.shape
+    keep = torch.ones(b, n_keys, dtype=torch.bool, device=q.device)
+    has_ex = exclude_index >= 0
+    rows = torch.arange(b, device=q.device)
+    keep[rows[has_ex], exclude_index[has_ex]] = False
+    logits = logits.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    log_prob = (logits - lse).masked_fill(~keep, 0.0)
+    prob_keys = torch.softmax(logits, dim=1) @ k
+
+    def one(positive):
+        positive = positive & keep
+        count = positive.sum(1)
+        per_row = (log_prob * positive).sum(1) / count.clamp(min=1)
+        has = (count > 0).to(q.dtype)
+        scale = 1.0 / (count.sum() if normalization == "official" else has.sum()).clamp(min=1).to(q.dtype)
+        loss = -per_row.sum() * scale
+        mean_pos = (positive.to(q.dtype) / count.clamp(min=1).unsqueeze(1).to(q.dtype)) @ k
+        grad = -(scale / temperature) * (mean_pos - has.unsqueeze(1) * prob_keys)
+        return loss, grad
+
+    loss_u, grad_u = one(query_ids[:, None] == key_ids[None, :])
+    loss_s = grad_s = None
+    if query_labels is not None and key_labels is not None:
+        loss_s, grad_s = one(query_labels[:, None] == key_labels[None, :])
+    return loss_u, loss_s, grad_u, grad_s

@@ -29,7 +29,17 @@ def get_backend(name: str) -> ModuleType:
     return importlib.import_module(f"capsparse.backends.{name}")
 
 
+_STATUS: Dict[str, Tuple[bool, str]] = {}
+
+
 def backend_status(name: str) -> Tuple[bool, str]:
+    """``(available, reason)``; cached, because availability does not change within a process."""
+    if name not in _STATUS:
+        _STATUS[name] = _probe(name)
+    return _STATUS[name]
+
+
+def _probe(name: str) -> Tuple[bool, str]:
     try:
         module = get_backend(name)
     except ImportError as exc:  # a backend whose module cannot even import is unavailable
@@ -58,6 +68,9 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None, op: str
         backend: forced backend name, or ``None`` for the environment variable / default.
     """
     forced = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if torch.compiler.is_compiling():
+        # while tracing, trust the eager resolution rules without probing modules (dynamo cannot import)
+        return forced if forced is not None else _compiled_default(device)
     if forced is not None:
         if forced not in BACKENDS:
             source = "backend" if backend is not None else ENV_VAR
@@ -77,6 +90,11 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None, op: str
                               RuntimeWarning, stacklevel=3)
             choice = "reference"
     return choice
+
+
+def _compiled_default(device: torch.device) -> str:
+    choice = _device_default(device)
+    return choice if _STATUS.get(choice, (False, ""))[0] else "reference"
 
 
 def _check_device(name: str, device: torch.device) -> None:

@@ -20,6 +20,11 @@ NORMALIZATIONS = ("official", "supcon")
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # fp32 accumulation for half types; fp64 stays fp64 (gradcheck)
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _validate(query, keys, query_ids, key_ids, query_labels, key_labels, temperature, normalization,
               exclude_index):
     check_tensor("query", query, dims=2)
@@ -57,8 +62,9 @@ def _validate(query, keys, query_ids, key_ids, query_labels, key_labels, tempera
 def cap_contrastive_loss_reference(query, keys, query_ids, key_ids, query_labels=None, key_labels=None,
                                    temperature=0.1, normalization="official", exclude_index=None):
     """Plain PyTorch oracle; differentiable w.r.t. ``query`` and ``keys``."""
-    q = F.normalize(query.float(), dim=1)
-    k = F.normalize(keys.float(), dim=1)
+    dt = _compute_dtype(query)
+    q = F.normalize(query.to(dt), dim=1)
+    k = F.normalize(keys.to(dt), dim=1)
     if exclude_index is None:
         exclude_index = torch.full((query.shape[0],), -1, dtype=torch.int64, device=query.device)
     return _reference.contrastive_losses(q, k, query_ids.long(), key_ids.long(),
@@ -76,12 +82,12 @@ def _cap_contrastive(q: torch.Tensor, k: torch.Tensor, query_ids: torch.Tensor, 
         q, k, query_ids, key_ids, query_labels, key_labels, exclude_index, temperature, normalization)
     if loss_s is None:  # custom ops return tensors only: zeros stand for "no supervised term"
         loss_s, grad_s = torch.zeros_like(loss_u), torch.zeros_like(grad_u)
-    return loss_u.float().clone(), loss_s.float().clone(), grad_u.contiguous(), grad_s.contiguous()
+    return loss_u.to(q.dtype).clone(), loss_s.to(q.dtype).clone(), grad_u.contiguous(), grad_s.contiguous()
 
 
 @_cap_contrastive.register_fake
 def _(q, k, query_ids, key_ids, query_labels, key_labels, exclude_index, temperature, normalization, backend):
-    scalar = q.new_empty((), dtype=torch.float32)
+    scalar = q.new_empty(())
     return scalar, scalar.clone(), torch.empty_like(q), torch.empty_like(q)
 
 
@@ -131,8 +137,9 @@ def cap_contrastive_loss(query: torch.Tensor, keys: torch.Tensor, query_ids: tor
     if keys.requires_grad or (name == "reference" and backend is None):
         return cap_contrastive_loss_reference(query, keys, query_ids, key_ids, query_labels, key_labels,
                                               temperature, normalization, exclude_index)
-    q = F.normalize(query.float(), dim=1)
-    k = F.normalize(keys.detach().float(), dim=1).contiguous()
+    dt = _compute_dtype(query)
+    q = F.normalize(query.to(dt), dim=1)
+    k = F.normalize(keys.detach().to(dt), dim=1).contiguous()
     labels = (None, None) if query_labels is None else (query_labels.long(), key_labels.long())
     loss_u, loss_s = CAPContrastiveFunction.apply(q.contiguous(), k, query_ids.long(), key_ids.long(), *labels,
                                                   exclude_index.long(), float(temperature), normalization, name)
