@@ -109,7 +109,7 @@ def _cap_fwd_kernel(
             cnt_s += tl.sum(pos_s.to(tl.float32), axis=1)
             sum_s += tl.sum(tl.where(pos_s, s, 0.0), axis=1)
 
-    lse = tl.where(l > 0, (m2 + tl.log2(l)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(l > 0, (m2 + tl.log2(tl.maximum(l, 1e-30))) * 0.6931471805599453, float("-inf"))
     tl.store(lse_ptr + offs_b, lse, mask=b_in)
     tl.store(cnt_u_ptr + offs_b, cnt_u, mask=b_in)
     tl.store(sum_u_ptr + offs_b, sum_u, mask=b_in)
