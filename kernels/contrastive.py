@@ -243,12 +243,12 @@ def _cap_bwd_dk_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _config(device: torch.device, d: int):
+def _config(device: torch.device, d: int, num_out: int = 1):
     # H100 defaults (unmeasured): 128 query rows x 64 keys per S tile, 64-wide feature steps,
-    # dq/dk output chunks of up to 128 features.
+    # dq/dk output chunks of up to 128 features (64 when two fp32 accumulators must fit registers).
     if interpreting() or device.type != "cuda":
         return dict(BLOCK_B=16, BLOCK_N=16, BLOCK_D=32, BLOCK_DO=32, num_warps=1, num_stages=1)
-    do = min(128, max(16, triton.next_power_of_2(d)))
+    do = min(128 if num_out == 1 else 64, max(16, triton.next_power_of_2(d)))
     return dict(BLOCK_B=128, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=do, num_warps=8, num_stages=2)
 
 
@@ -351,7 +351,7 @@ def _launch_dq(q, k, ids, excl, inv_tau, lse, coef, out_scale, num_out):
     gs = torch.zeros(B, dtype=torch.float32, device=q.device)
     if B == 0 or NK == 0 or D == 0:
         return dq, gs
-    cfg = _config(q.device, D)
+    cfg = _config(q.device, D, num_out)
     grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(D, cfg["BLOCK_DO"]))
     _cap_bwd_dq_kernel[grid](
         q, k, query_ids, key_ids, query_labels if has_labels else query_ids, key_labels if has_labels else key_ids,

@@ -84,7 +84,7 @@ def _masked_fwd_kernel(
     n_in = offs_n < N
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_in = offs_k < K
         x = tl.load(x_ptr + offs_t[:, None] * K + offs_k[None, :], mask=t_in[:, None] & k_in[None, :], other=0.0)
         wv = n_in[:, None] & k_in[None, :]
@@ -115,7 +115,7 @@ def _masked_dx_kernel(
     k_in = offs_k < K
     acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_in = offs_n < N
         dy = tl.load(dy_ptr + offs_t[:, None] * N + offs_n[None, :], mask=t_in[:, None] & n_in[None, :], other=0.0)
         wv = n_in[:, None] & k_in[None, :]
@@ -144,7 +144,7 @@ def _masked_dw_kernel(
     k_in = offs_k < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         t_in = offs_t < T
         dy = tl.load(dy_ptr + offs_t[:, None] * N + offs_n[None, :], mask=t_in[:, None] & n_in[None, :], other=0.0)
         x = tl.load(x_ptr + offs_t[:, None] * K + offs_k[None, :], mask=t_in[:, None] & k_in[None, :], other=0.0)
