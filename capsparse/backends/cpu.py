@@ -1,0 +1,134 @@
+"""The ``cpu`` backend: C++/OpenMP kernels from ``capsparse._C`` (sources in ``csrc/cpu/``).
+
+* block-sparse linear: packed, register-blocked fp32 kernels (AVX-512 or AVX2+FMA, whichever the
+  build machine has) for block sizes that are multiples of 16; a plain templated path for fp64 and
+  other block sizes; fp16/bf16 are computed in fp32. Results are bitwise independent of the
+  number of threads.
+* above a crossover density (``DENSE_ABOVE``, per block size, measured with
+  ``benchmarks/bench_kernels_cpu.py``) the forward and dX use dense ``F.linear`` / ``mm`` with the
+  masked weight instead, because MKL wins there.
+* the CAP contrastive loss is one fused pass over the keys (online log-sum-exp) that returns the
+  losses and their gradients wrt ``q``.
+
+``capsparse._C`` is imported lazily (after torch), never at module import.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+_BUILD_HINT = "capsparse._C is not built; run `pip install -e . --no-build-isolation`"
+
+# Densities (kept blocks / capacity) above which the forward and dX use dense MKL with the masked
+# weight. Measured on the 2-core EPYC dev machine (docs/benchmarks-cpu-kernels.md): the sparse
+# kernels beat MKL's dense sgemm even at density 1 there, so the fallback never triggers (> 1).
+# Override with CAPSPARSE_CPU_DENSE_ABOVE=<density> (one value for every block size).
+DENSE_ABOVE = {16: 1.01, 32: 1.01, 64: 1.01}
+_DEFAULT_DENSE_ABOVE = 1.01
+
+_ext = None
+
+
+def _C():
+    """The compiled extension (imported on first use; torch must be imported first)."""
+    global _ext
+    if _ext is None:
+        from capsparse import _C as ext  # noqa: PLC0415  (lazy on purpose)
+        _ext = ext
+    return _ext
+
+
+def is_available() -> Tuple[bool, str]:
+    try:
+        _C()
+    except ImportError as exc:  # not built, or built against another torch
+        return False, f"{_BUILD_HINT} ({exc})"
+    return True, "capsparse._C " + _C().simd_info()
+
+
+def _dense_above(bm: int, bk: int) -> float:
+    env = os.environ.get("CAPSPARSE_CPU_DENSE_ABOVE")
+    if env:
+        return float(env)
+    return DENSE_ABOVE.get(min(bm, bk), _DEFAULT_DENSE_ABOVE)
+
+
+def _bitmap(ptr: torch.Tensor, idx: torch.Tensor, n_other: int) -> torch.Tensor:
+    """Block bitmap ``[len(ptr)-1, n_other]`` from compressed (ptr, idx) metadata."""
+    n = ptr.numel() - 1
+    counts = ptr.diff().to(torch.int64)
+    nnz = int(ptr[-1])
+    rows = torch.repeat_interleave(torch.arange(n), counts)
+    bitmap = torch.zeros(n, n_other, dtype=torch.bool)
+    bitmap[rows, idx[:nnz].to(torch.int64)] = True
+    return bitmap
+
+
+def _expand(bitmap: torch.Tensor, bm: int, bk: int, dtype) -> torch.Tensor:
+    return bitmap.repeat_interleave(bm, 0).repeat_interleave(bk, 1).to(dtype)
+
+
+def _index(t: torch.Tensor) -> torch.Tensor:
+    return t if (t.dtype == torch.int32 and t.is_contiguous()) else t.to(torch.int32).contiguous()
+
+
+def bsl_forward(x, weight, bias, row_ptr, row_cols, bm: int, bk: int, out: Optional[torch.Tensor] = None):
+    """``y[T,N] = x[T,K] @ (W * block mask)^T (+ bias)`` over the kept blocks of each block-row.
+
+    ``out``: optional preallocated contiguous ``[T, N]`` result (avoids first-touch of a fresh buffer).
+    """
+    n, k = weight.shape
+    capacity = (n // bm) * (k // bk)
+    if capacity and int(row_ptr[-1]) > _dense_above(bm, bk) * capacity:
+        w = weight * _expand(_bitmap(row_ptr, row_cols, k // bk), bm, bk, weight.dtype)
+        if out is not None:
+            return torch.addmm(bias, x, w.t(), out=out) if bias is not None else torch.mm(x, w.t(), out=out)
+        return F.linear(x, w, bias)
+    return _C().bsl_forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                            _index(row_ptr), _index(row_cols), int(bm), int(bk), out)
+
+
+def bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm: int, bk: int, out: Optional[torch.Tensor] = None):
+    """``grad_x[T,K] = grad_y[T,N] @ (W * block mask)`` over the kept blocks of each block-column."""
+    n, k = weight.shape
+    capacity = (n // bm) * (k // bk)
+    if capacity and int(col_ptr[-1]) > _dense_above(bm, bk) * capacity:
+        w = weight * _expand(_bitmap(col_ptr, col_rows, n // bm).t(), bm, bk, weight.dtype)
+        return torch.mm(grad_y, w, out=out) if out is not None else grad_y @ w
+    return _C().bsl_grad_input(grad_y.contiguous(), weight.contiguous(), _index(col_ptr), _index(col_rows),
+                               int(bm), int(bk), out)
+
+
+def bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm: int, bk: int):
+    """``grad_w[N,K]``: ``grad_y^T @ x`` on the kept blocks, exactly 0 elsewhere.
+
+    Always the sparse kernel: it beats dense + masking at every density measured.
+    """
+    nnz = int(nnz)
+    return _C().bsl_grad_weight(grad_y.contiguous(), x.contiguous(), _index(block_rows), _index(block_cols),
+                                nnz, int(bm), int(bk))
+
+
+def masked_linear_forward(x, masked_weight, bias):
+    return F.linear(x, masked_weight, bias)
+
+
+def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_index,
+                    temperature: float, normalization: str):
+    """Fused CAP losses and grads wrt ``q`` (see docs/design.md); keys are constants."""
+    if normalization not in ("official", "supcon"):
+        raise ValueError(f"normalization: expected 'official' or 'supcon', got {normalization!r}")
+    ql = kl = None
+    if query_labels is not None and key_labels is not None:
+        ql, kl = query_labels.to(torch.int64), key_labels.to(torch.int64)
+    return _C().cap_contrastive(q.detach().contiguous(), k.detach().contiguous(), query_ids.to(torch.int64),
+                                key_ids.to(torch.int64), ql, kl, exclude_index.to(torch.int64),
+                                float(temperature), normalization)
+
+
+def set_tuning(token_tile: int = 0, dw_chunk: int = 0) -> None:
+    """Token tile of the forward/dX kernels and token chunk of dW (0 = automatic); for benchmarks."""
+    _C().set_tuning(int(token_tile), int(dw_chunk))

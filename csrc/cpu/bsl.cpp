@@ -1,0 +1,387 @@
+// Block-sparse linear on the CPU: forward over block-rows, dX over block-columns, dW on kept blocks.
+//
+// fp32 with bm, bk multiples of 16 takes the packed, register-blocked path (simd.h); every other
+// case (fp64, odd block sizes) takes a plain templated path. fp16/bf16 are computed in fp32.
+// Each output element is produced by exactly one thread with a fixed summation order, so results
+// are bitwise independent of the number of threads.
+#include "common.h"
+#include "simd.h"
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+namespace capsparse {
+
+static int64_t g_token_tile = 0;  // 0 = automatic
+static int64_t g_dw_chunk = 0;
+
+void set_tuning(int64_t token_tile, int64_t dw_chunk) {
+  g_token_tile = token_tile;
+  g_dw_chunk = dw_chunk;
+}
+
+std::string simd_info() {
+  return std::string(kSimd) + " mr=" + std::to_string(MRMAX) + " nr=" + std::to_string(NR);
+}
+
+namespace {
+
+struct AlignedBuf {
+  float* p = nullptr;
+  explicit AlignedBuf(size_t n) {
+    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64));
+  }
+  ~AlignedBuf() { std::free(p); }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+};
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be 1-D and contiguous");
+}
+
+bool low_precision(at::ScalarType s) { return s == at::kBFloat16 || s == at::kHalf; }
+
+// ---------------------------------------------------------------------------------------------
+// fp32 fast path: Y[T, nOut*Wd] = for each output block o: sum_{q in ptr[o]..} A[:, idx[q] block] @ Bp
+// Used for the forward (o = block-row, inner block L = bk, width Wd = bm) and for dX
+// (o = block-column, L = bm, Wd = bk). Bp holds, for output block o, strips of 16 columns:
+// Bp[ptr[o]*L*Wd + s*nb*L*16 + q*L*16 + p*16 + v].
+// ---------------------------------------------------------------------------------------------
+void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int32_t* ptr, const int32_t* idx,
+              int64_t nOut, int64_t L, int64_t Wd, const float* bias, float* Y) {
+  const int64_t Nout = nOut * Wd;
+  const int MR = MRMAX;
+  const int nthreads = num_threads();
+  int64_t MT = g_token_tile;
+  if (MT <= 0) {
+    // keep the packed token tile (MT x Kin floats) around a quarter of a 1 MiB L2
+    MT = (262144 / 4) / std::max<int64_t>(Kin, 1);
+    MT = std::max<int64_t>(MR, std::min<int64_t>(MT, 16 * MR));
+  }
+  MT = std::max<int64_t>(MR, (MT / MR) * MR);
+  // make sure every thread gets work on small T
+  int64_t per = (T + 2 * nthreads - 1) / (2 * nthreads);
+  per = std::max<int64_t>(MR, ((per + MR - 1) / MR) * MR);
+  MT = std::min(MT, per);
+  const int64_t ntiles = (T + MT - 1) / MT;
+  // split output blocks into groups when there are too few token tiles
+  int64_t ngroups = 1;
+  if (ntiles < 2 * nthreads) ngroups = std::min<int64_t>(std::max<int64_t>(nOut, 1), 4 * nthreads);
+  std::vector<int64_t> gstart(ngroups + 1, 0);
+  {
+    int64_t total = 0;
+    for (int64_t o = 0; o < nOut; ++o) total += (ptr[o + 1] - ptr[o]) + 1;
+    int64_t o = 0, acc = 0;
+    for (int64_t g = 1; g < ngroups; ++g) {
+      int64_t target = total * g / ngroups;
+      while (o < nOut && acc + (ptr[o + 1] - ptr[o]) + 1 <= target) {
+        acc += (ptr[o + 1] - ptr[o]) + 1;
+        ++o;
+      }
+      gstart[g] = o;
+    }
+    gstart[ngroups] = nOut;
+  }
+  const int64_t nitems = ntiles * ngroups;
+  const ukr_fn kern = ukr_for(MR);
+  const int64_t nstrips = Wd / NR;
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    AlignedBuf ap(MT * Kin);
+    alignas(64) float tmp[MRMAX * NR];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < nitems; ++w) {
+      const int64_t tile = w / ngroups, g = w % ngroups;
+      const int64_t t0 = tile * MT, mt = std::min(MT, T - t0);
+      const int64_t nmi = (mt + MR - 1) / MR;
+      // pack the token tile: Ap[mi][k][i] = X[t0 + mi*MR + i, k]
+      for (int64_t mi = 0; mi < nmi; ++mi) {
+        float* dst0 = ap.p + mi * Kin * MR;
+        for (int i = 0; i < MR; ++i) {
+          const int64_t t = t0 + mi * MR + i;
+          float* dst = dst0 + i;
+          if (t < T) {
+            const float* src = X + t * Kin;
+            for (int64_t k = 0; k < Kin; ++k) dst[k * MR] = src[k];
+          } else {
+            for (int64_t k = 0; k < Kin; ++k) dst[k * MR] = 0.f;
+          }
+        }
+      }
+      for (int64_t o = gstart[g]; o < gstart[g + 1]; ++o) {
+        const int64_t nb = ptr[o + 1] - ptr[o];
+        const int32_t* ix = idx + ptr[o];
+        for (int64_t s = 0; s < nstrips; ++s) {
+          const float* strip = Bp + (int64_t)ptr[o] * L * Wd + s * nb * L * NR;
+          const float* init = bias ? bias + o * Wd + s * NR : nullptr;
+          const int mode = bias ? 2 : 0;
+          for (int64_t mi = 0; mi < nmi; ++mi) {
+            const int64_t rows = std::min<int64_t>(MR, mt - mi * MR);
+            const float* a = ap.p + mi * Kin * MR;
+            float* c = Y + (t0 + mi * MR) * Nout + o * Wd + s * NR;
+            if (rows == MR) {
+              kern(nb, ix, L, a, L * MR, MR, strip, L * NR, NR, c, Nout, mode, init);
+            } else {
+              kern(nb, ix, L, a, L * MR, MR, strip, L * NR, NR, tmp, NR, mode, init);
+              for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * Nout, tmp + i * NR, NR * sizeof(float));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// generic path (any dtype, any block size)
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void fwd_generic(const scalar_t* x, const scalar_t* w, const scalar_t* bias, const int32_t* row_ptr,
+                 const int32_t* row_cols, int64_t T, int64_t N, int64_t K, int64_t bm, int64_t bk, scalar_t* y) {
+  const int64_t R = N / bm;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* xr = x + t * K;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t n = r * bm; n < (r + 1) * bm; ++n) {
+        scalar_t acc = bias ? bias[n] : scalar_t(0);
+        for (int32_t q = row_ptr[r]; q < row_ptr[r + 1]; ++q) {
+          const int64_t c0 = (int64_t)row_cols[q] * bk;
+          const scalar_t* wr = w + n * K + c0;
+          for (int64_t kk = 0; kk < bk; ++kk) acc += xr[c0 + kk] * wr[kk];
+        }
+        y[t * N + n] = acc;
+      }
+  }
+}
+
+template <typename scalar_t>
+void dx_generic(const scalar_t* gy, const scalar_t* w, const int32_t* col_ptr, const int32_t* col_rows, int64_t T,
+                int64_t N, int64_t K, int64_t bm, int64_t bk, scalar_t* gx) {
+  const int64_t C = K / bk;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* gr = gy + t * N;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = c * bk; j < (c + 1) * bk; ++j) {
+        scalar_t acc = 0;
+        for (int32_t q = col_ptr[c]; q < col_ptr[c + 1]; ++q) {
+          const int64_t r0 = (int64_t)col_rows[q] * bm;
+          for (int64_t n = r0; n < r0 + bm; ++n) acc += gr[n] * w[n * K + j];
+        }
+        gx[t * K + j] = acc;
+      }
+  }
+}
+
+template <typename scalar_t>
+void dw_generic(const scalar_t* gy, const scalar_t* x, const int32_t* brow, const int32_t* bcol, int64_t nnz,
+                int64_t T, int64_t N, int64_t K, int64_t bm, int64_t bk, scalar_t* gw) {
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t q = 0; q < nnz; ++q) {
+    const int64_t r0 = (int64_t)brow[q] * bm, c0 = (int64_t)bcol[q] * bk;
+    for (int64_t i = r0; i < r0 + bm; ++i)
+      for (int64_t j = c0; j < c0 + bk; ++j) {
+        scalar_t acc = 0;
+        for (int64_t t = 0; t < T; ++t) acc += gy[t * N + i] * x[t * K + j];
+        gw[i * K + j] = acc;
+      }
+  }
+}
+
+at::Tensor prepare_out(const std::optional<at::Tensor>& out, int64_t T, int64_t N, const at::Tensor& like) {
+  if (out.has_value() && out->defined()) {
+    const at::Tensor& o = *out;
+    TORCH_CHECK(o.device().is_cpu() && o.scalar_type() == like.scalar_type(), "out must be a CPU tensor of dtype ",
+                like.scalar_type());
+    TORCH_CHECK(o.dim() == 2 && o.size(0) == T && o.size(1) == N && o.is_contiguous(), "out must be contiguous [",
+                T, ", ", N, "]");
+    return o;
+  }
+  return at::empty({T, N}, like.options());
+}
+
+}  // namespace
+
+at::Tensor bsl_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+                       const at::Tensor& row_ptr, const at::Tensor& row_cols, int64_t bm, int64_t bk,
+                       const std::optional<at::Tensor>& out) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "bsl_forward: x and weight must be 2-D");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "bsl_forward: CPU tensors expected");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "bsl_forward: x and weight dtypes differ");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "bsl_forward: x and weight must be contiguous");
+  const int64_t T = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "bsl_forward: x has ", K, " features, weight expects ", weight.size(1));
+  TORCH_CHECK(bm > 0 && bk > 0 && N % bm == 0 && K % bk == 0, "bsl_forward: block (", bm, ", ", bk,
+              ") must divide the weight ", N, "x", K);
+  check_index(row_ptr, "row_ptr");
+  check_index(row_cols, "row_cols");
+  const int64_t R = N / bm;
+  TORCH_CHECK(row_ptr.numel() == R + 1, "row_ptr must have R+1 = ", R + 1, " entries");
+  const at::Tensor* bias = nullptr;
+  if (bias_opt.has_value() && bias_opt->defined()) {
+    bias = &*bias_opt;
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == N && bias->scalar_type() == x.scalar_type() &&
+                    bias->is_contiguous(),
+                "bsl_forward: bias must be a contiguous [", N, "] tensor of the input dtype");
+  }
+  if (low_precision(x.scalar_type())) {
+    auto y = bsl_forward(x.to(at::kFloat), weight.to(at::kFloat),
+                         bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt, row_ptr, row_cols,
+                         bm, bk, std::nullopt);
+    if (out.has_value() && out->defined()) return prepare_out(out, T, N, x).copy_(y);
+    return y.to(x.scalar_type());
+  }
+  at::Tensor y = prepare_out(out, T, N, x);
+  if (T == 0 || N == 0) return y;
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* rc = row_cols.data_ptr<int32_t>();
+  if (x.scalar_type() == at::kFloat && bm % NR == 0 && K > 0) {
+    const float* W = weight.data_ptr<float>();
+    const int64_t nnz = rp[R];
+    AlignedBuf bp(std::max<int64_t>(nnz, 1) * bm * bk);
+    // pack the kept blocks of each block-row into 16-column strips, k-major
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t nb = rp[r + 1] - rp[r];
+      for (int64_t s = 0; s < bm / NR; ++s) {
+        float* strip = bp.p + (int64_t)rp[r] * bm * bk + s * nb * bk * NR;
+        for (int64_t q = 0; q < nb; ++q) {
+          const int64_t c0 = (int64_t)rc[rp[r] + q] * bk;
+          for (int64_t v = 0; v < NR; ++v) {
+            const float* src = W + (r * bm + s * NR + v) * K + c0;
+            float* dst = strip + q * bk * NR + v;
+            for (int64_t kk = 0; kk < bk; ++kk) dst[kk * NR] = src[kk];
+          }
+        }
+      }
+    }
+    spmm_f32(x.data_ptr<float>(), T, K, bp.p, rp, rc, R, bk, bm, bias ? bias->data_ptr<float>() : nullptr,
+             y.data_ptr<float>());
+    return y;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsl_forward", [&] {
+    fwd_generic<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                          bias ? bias->data_ptr<scalar_t>() : nullptr, rp, rc, T, N, K, bm, bk, y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+at::Tensor bsl_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& col_ptr,
+                          const at::Tensor& col_rows, int64_t bm, int64_t bk, const std::optional<at::Tensor>& out) {
+  TORCH_CHECK(grad_y.dim() == 2 && weight.dim() == 2, "bsl_grad_input: grad_y and weight must be 2-D");
+  TORCH_CHECK(grad_y.device().is_cpu() && weight.device().is_cpu(), "bsl_grad_input: CPU tensors expected");
+  TORCH_CHECK(grad_y.scalar_type() == weight.scalar_type(), "bsl_grad_input: dtypes differ");
+  TORCH_CHECK(grad_y.is_contiguous() && weight.is_contiguous(), "bsl_grad_input: inputs must be contiguous");
+  const int64_t T = grad_y.size(0), N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(grad_y.size(1) == N, "bsl_grad_input: grad_y has ", grad_y.size(1), " columns, weight has ", N, " rows");
+  TORCH_CHECK(bm > 0 && bk > 0 && N % bm == 0 && K % bk == 0, "bsl_grad_input: block must divide the weight");
+  check_index(col_ptr, "col_ptr");
+  check_index(col_rows, "col_rows");
+  const int64_t C = K / bk;
+  TORCH_CHECK(col_ptr.numel() == C + 1, "col_ptr must have C+1 = ", C + 1, " entries");
+  if (low_precision(grad_y.scalar_type())) {
+    auto g = bsl_grad_input(grad_y.to(at::kFloat), weight.to(at::kFloat), col_ptr, col_rows, bm, bk, std::nullopt);
+    if (out.has_value() && out->defined()) return prepare_out(out, T, K, grad_y).copy_(g);
+    return g.to(grad_y.scalar_type());
+  }
+  at::Tensor gx = prepare_out(out, T, K, grad_y);
+  if (T == 0 || K == 0) return gx;
+  const int32_t* cp = col_ptr.data_ptr<int32_t>();
+  const int32_t* cr = col_rows.data_ptr<int32_t>();
+  if (grad_y.scalar_type() == at::kFloat && bk % NR == 0 && N > 0) {
+    const float* W = weight.data_ptr<float>();
+    const int64_t nnz = cp[C];
+    AlignedBuf bp(std::max<int64_t>(nnz, 1) * bm * bk);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t nb = cp[c + 1] - cp[c];
+      for (int64_t s = 0; s < bk / NR; ++s) {
+        float* strip = bp.p + (int64_t)cp[c] * bm * bk + s * nb * bm * NR;
+        for (int64_t q = 0; q < nb; ++q) {
+          const int64_t r0 = (int64_t)cr[cp[c] + q] * bm;
+          for (int64_t n = 0; n < bm; ++n)
+            std::memcpy(strip + (q * bm + n) * NR, W + (r0 + n) * K + c * bk + s * NR, NR * sizeof(float));
+        }
+      }
+    }
+    spmm_f32(grad_y.data_ptr<float>(), T, N, bp.p, cp, cr, C, bm, bk, nullptr, gx.data_ptr<float>());
+    return gx;
+  }
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "bsl_grad_input", [&] {
+    dx_generic<scalar_t>(grad_y.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), cp, cr, T, N, K, bm, bk,
+                         gx.data_ptr<scalar_t>());
+  });
+  return gx;
+}
+
+at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& block_rows,
+                           const at::Tensor& block_cols, int64_t nnz, int64_t bm, int64_t bk) {
+  TORCH_CHECK(grad_y.dim() == 2 && x.dim() == 2, "bsl_grad_weight: grad_y and x must be 2-D");
+  TORCH_CHECK(grad_y.device().is_cpu() && x.device().is_cpu(), "bsl_grad_weight: CPU tensors expected");
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "bsl_grad_weight: dtypes differ");
+  TORCH_CHECK(grad_y.is_contiguous() && x.is_contiguous(), "bsl_grad_weight: inputs must be contiguous");
+  const int64_t T = grad_y.size(0), N = grad_y.size(1), K = x.size(1);
+  TORCH_CHECK(x.size(0) == T, "bsl_grad_weight: grad_y and x have different token counts");
+  TORCH_CHECK(bm > 0 && bk > 0 && N % bm == 0 && K % bk == 0, "bsl_grad_weight: block must divide the weight");
+  check_index(block_rows, "block_rows");
+  check_index(block_cols, "block_cols");
+  TORCH_CHECK(nnz >= 0 && nnz <= block_rows.numel() && nnz <= block_cols.numel(), "bsl_grad_weight: bad nnz ", nnz);
+  if (low_precision(x.scalar_type())) {
+    return bsl_grad_weight(grad_y.to(at::kFloat), x.to(at::kFloat), block_rows, block_cols, nnz, bm, bk)
+        .to(x.scalar_type());
+  }
+  at::Tensor gw = at::zeros({N, K}, x.options());
+  if (nnz == 0 || N == 0 || K == 0) return gw;
+  const int32_t* br = block_rows.data_ptr<int32_t>();
+  const int32_t* bc = block_cols.data_ptr<int32_t>();
+  if (x.scalar_type() == at::kFloat && bk % NR == 0) {
+    const float* GY = grad_y.data_ptr<float>();
+    const float* X = x.data_ptr<float>();
+    float* GW = gw.data_ptr<float>();
+    if (T == 0) return gw;
+    int64_t Tc = g_dw_chunk > 0 ? g_dw_chunk : 256;
+    const int32_t zero = 0;
+    const int nthreads = num_threads();
+    const int64_t nstrips = bk / NR;
+    // fixed assignment of kept blocks to threads (schedule(static) with equal trip counts), so every
+    // block accumulates its token chunks in order on one thread without a barrier per chunk
+#pragma omp parallel num_threads(nthreads)
+    {
+      for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+        const int64_t tc = std::min(Tc, T - t0);
+        const int mode = t0 == 0 ? 0 : 1;
+#pragma omp for schedule(static) nowait
+        for (int64_t q = 0; q < nnz; ++q) {
+          const int64_t r0 = (int64_t)br[q] * bm, c0 = (int64_t)bc[q] * bk;
+          for (int64_t s = 0; s < nstrips; ++s)
+            for (int64_t i0 = 0; i0 < bm; i0 += MRMAX) {
+              const int mr = (int)std::min<int64_t>(MRMAX, bm - i0);
+              ukr_for(mr)(1, &zero, tc, GY + t0 * N + r0 + i0, 0, N, X + t0 * K + c0 + s * NR, 0, K,
+                          GW + (r0 + i0) * K + c0 + s * NR, K, mode, nullptr);
+            }
+        }
+      }
+    }
+    return gw;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bsl_grad_weight", [&] {
+    dw_generic<scalar_t>(grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), br, bc, nnz, T, N, K, bm, bk,
+                         gw.data_ptr<scalar_t>());
+  });
+  return gw;
+}
+
+}  // namespace capsparse

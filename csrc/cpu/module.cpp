@@ -1,0 +1,21 @@
+// The single Python module of the C++ CPU kernels: capsparse._C.
+#include "common.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "capsparse CPU kernels (block-sparse linear, CAP contrastive loss)";
+  m.def("bsl_forward", &capsparse::bsl_forward, "block-sparse linear forward", py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("row_ptr"), py::arg("row_cols"), py::arg("bm"), py::arg("bk"),
+        py::arg("out") = py::none());
+  m.def("bsl_grad_input", &capsparse::bsl_grad_input, "block-sparse linear dX", py::arg("grad_y"),
+        py::arg("weight"), py::arg("col_ptr"), py::arg("col_rows"), py::arg("bm"), py::arg("bk"),
+        py::arg("out") = py::none());
+  m.def("bsl_grad_weight", &capsparse::bsl_grad_weight, "block-sparse linear dW on kept blocks",
+        py::arg("grad_y"), py::arg("x"), py::arg("block_rows"), py::arg("block_cols"), py::arg("nnz"),
+        py::arg("bm"), py::arg("bk"));
+  m.def("cap_contrastive", &capsparse::cap_contrastive, "CAP contrastive losses and grads wrt q",
+        py::arg("q"), py::arg("k"), py::arg("query_ids"), py::arg("key_ids"), py::arg("query_labels"),
+        py::arg("key_labels"), py::arg("exclude_index"), py::arg("temperature"), py::arg("normalization"));
+  m.def("set_tuning", &capsparse::set_tuning, "token tile / dW chunk (0 = automatic)", py::arg("token_tile"),
+        py::arg("dw_chunk"));
+  m.def("simd_info", &capsparse::simd_info);
+}

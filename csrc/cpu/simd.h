@@ -1,0 +1,129 @@
+// capsparse CPU kernels: a tiny SIMD layer and the register-blocked micro-kernel.
+//
+// The micro-kernel computes an MR x 16 tile of C:
+//   C[i, 0:16] (+)= sum_{q < nb} sum_{p < L} A[idx[q]*a_blk + p*lda + i] * B[q*b_blk + p*ldb + 0:16]
+// with every output element accumulated by one fused multiply-add chain in ascending (q, p)
+// order, so the result never depends on how the work is split among threads.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace capsparse {
+
+constexpr int NR = 16;  // width of a micro-tile (one output strip); bm / bk must be multiples of it
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+constexpr int MRMAX = 12;
+typedef __m512 vf;
+static inline vf vzero() { return _mm512_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf vbcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static constexpr const char* kSimd = "avx512f";
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int VW = 8;
+constexpr int MRMAX = 6;
+typedef __m256 vf;
+static inline vf vzero() { return _mm256_setzero_ps(); }
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static constexpr const char* kSimd = "avx2+fma";
+#else
+constexpr int VW = 1;
+constexpr int MRMAX = 4;
+typedef float vf;
+static inline vf vzero() { return 0.f; }
+static inline vf vload(const float* p) { return *p; }
+static inline void vstore(float* p, vf v) { *p = v; }
+static inline vf vbcast(const float* p) { return *p; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static constexpr const char* kSimd = "scalar";
+#endif
+constexpr int NV = NR / VW;
+
+// mode 0: start from zero; 1: accumulate into C; 2: start from the 16-vector `init` (bias).
+template <int MR>
+static void ukr(int64_t nb, const int32_t* __restrict idx, int64_t L, const float* __restrict A, int64_t a_blk,
+                int64_t lda, const float* __restrict B, int64_t b_blk, int64_t ldb, float* __restrict C,
+                int64_t ldc, int mode, const float* __restrict init) {
+  vf acc[MR][NV];
+  if (mode == 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = vload(C + i * ldc + v * VW);
+  } else if (mode == 2) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      vf b = vload(init + v * VW);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) acc[i][v] = b;
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
+  }
+  for (int64_t q = 0; q < nb; ++q) {
+    const float* a = A + (int64_t)idx[q] * a_blk;
+    const float* b = B + q * b_blk;
+    for (int64_t p = 0; p < L; ++p) {
+      vf bv[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) bv[v] = vload(b + v * VW);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        vf av = vbcast(a + i);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[i][v] = vfma(av, bv[v], acc[i][v]);
+      }
+      a += lda;
+      b += ldb;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * VW, acc[i][v]);
+}
+
+typedef void (*ukr_fn)(int64_t, const int32_t*, int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+                       int64_t, float*, int64_t, int, const float*);
+
+static inline ukr_fn ukr_for(int mr) {
+  switch (mr) {
+    case 1: return ukr<1>;
+    case 2: return ukr<2>;
+    case 3: return ukr<3>;
+    case 4: return ukr<4>;
+#if MRMAX > 4 || defined(__AVX2__)
+#endif
+    default: break;
+  }
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  switch (mr) {
+    case 5: return ukr<5>;
+    case 6: return ukr<6>;
+#if defined(__AVX512F__)
+    case 7: return ukr<7>;
+    case 8: return ukr<8>;
+    case 9: return ukr<9>;
+    case 10: return ukr<10>;
+    case 11: return ukr<11>;
+    case 12: return ukr<12>;
+#endif
+    default: break;
+  }
+#endif
+  return nullptr;
+}
+
+}  // namespace capsparse
