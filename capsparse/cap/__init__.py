@@ -1,0 +1,19 @@
+"""CAP: contrastive pruning (config, memory banks, objective, trainer). See ``docs/cap.md``.
+
+``CAPTrainer`` imports transformers; it is loaded lazily (``capsparse.cap.CAPTrainer``).
+"""
+from __future__ import annotations
+
+from .banks import BankSet, MemoryBank, encode_pass, estimate_bank_bytes
+from .config import RECIPE_TRAINING, RECIPES, CAPConfig
+from .losses import RepresentationTap, cap_objective, kd_loss
+
+__all__ = ["CAPConfig", "RECIPES", "RECIPE_TRAINING", "BankSet", "MemoryBank", "encode_pass", "estimate_bank_bytes",
+           "RepresentationTap", "cap_objective", "kd_loss", "CAPTrainer"]
+
+
+def __getattr__(name):
+    if name == "CAPTrainer":
+        from .trainer import CAPTrainer
+        return CAPTrainer
+    raise AttributeError(f"module 'capsparse.cap' has no attribute {name!r}")

@@ -1,0 +1,224 @@
+"""``CAPConfig``: every knob of a CAP run, with the published recipes (``docs/cap.md``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from ..layout import check_sparsity, normalize_block_size
+from ..ops.contrastive import NORMALIZATIONS
+from ..pruning.pruners import BLOCK_SCORE_MODES
+from ..pruning.schedule import SCHEDULE_UNITS
+
+METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
+REPRESENTATIONS = ("pooler", "cls", "mean")
+BANK_NAMES = ("prc", "snc", "fic")
+BANK_DTYPES = ("float32", "float16", "bfloat16")
+SNAPSHOT_MODES = ("train", "eval")
+
+
+@dataclass
+class CAPConfig:
+    """Configuration of a CAP pruning run. Defaults reproduce the official unstructured GLUE script (CAP-m).
+
+    Pruning:
+        method: "magnitude" | "movement" (CAP-m) | "soft-movement" (CAP-soft) | "block-movement" | "first-order" (CAP-f).
+        target_sparsity: final fraction of encoder-linear weights removed, in [0, 1). Soft movement does
+            not set it directly (lambda does); it is then only the reference for the report.
+        block_size: block side for "block-movement" (default 32), ``None`` otherwise.
+        block_score_mode: "exact" (dense dW' for the block scores, as nn_pruning) or "fast" (kept blocks only,
+            pruned blocks frozen).
+        magnitude_scope: "local" (per matrix, official) or "global".
+        score_lr, score_init: the score optimizer group's learning rate (no weight decay) and initial value.
+        soft_lambda_final, soft_final_threshold, soft_min_keep: CAP-soft's L1 weight at the end, sigmoid threshold
+            at the end (0 -> 0.1), and minimum fraction kept per matrix.
+        schedule_warmup, schedule_unit, initial_warmup, final_warmup: the cubic schedule's unit ``w`` (in
+            "steps", "epochs" or a "fraction" of training) and its warm-up / cool-down multipliers.
+        structured_steps, epochs_per_step, structured_warmup_ratio, heads_protected, importance_batches:
+            CAP-f: number of cumulative pruning steps (10%..90% for 9 and a 0.9 target), re-training epochs per step,
+            LR warm-up ratio within each step, active heads protected per layer, and a cap on the batches of the
+            importance pass (``None`` = the whole training set, as official).
+        sparsity_tolerance: allowed |reached - target| at the end of training (RuntimeError beyond it).
+    Contrastive (CAP):
+        use_cap: add the contrastive modules (False: CE + KD only).
+        banks: which of "prc", "snc", "fic" are on.
+        temperature, w_u, w_s, w_ce, w_kd, kd_temperature, normalization ("official" | "supcon").
+        n_extra_keys: extra random keys per bank per step (``floor(n / R)`` examples with their R vectors).
+        representation: "pooler" (official GLUE; the query after the classifier dropout), "cls", "mean".
+        bank_dtype, bank_device ("auto": the model's accelerator when the banks fit, else (pinned) CPU; or a
+            device string), max_snapshots (SnC capacity R_max; ``None``: from the schedule), snapshot_mode
+            ("train": dropout on while encoding snapshots, as the official unstructured code; "eval").
+        encode_batch_size: batch size of the no-grad encoding passes (``None``: per_device_eval_batch_size).
+        regression_bins: for regression tasks with ``w_s > 0``: bin the targets into this many quantile bins for
+            supervised positives; ``None`` refuses (supervised positives need classes).
+    Teacher:
+        teacher_epochs: epochs of dense fine-tuning when no teacher is given.
+    """
+
+    method: str = "movement"
+    target_sparsity: float = 0.9
+    block_size: Optional[int] = None
+    block_score_mode: str = "exact"
+    magnitude_scope: str = "local"
+    score_lr: float = 1e-2
+    score_init: float = 0.0
+    soft_lambda_final: float = 190.0
+    soft_final_threshold: float = 0.1
+    soft_min_keep: float = 0.005
+    schedule_warmup: float = 11000
+    schedule_unit: str = "steps"
+    initial_warmup: float = 2.0
+    final_warmup: float = 3.0
+    structured_steps: int = 9
+    epochs_per_step: float = 2.0
+    structured_warmup_ratio: float = 0.1
+    heads_protected: int = 1
+    importance_batches: Optional[int] = None
+    sparsity_tolerance: float = 0.01
+    use_cap: bool = True
+    banks: Tuple[str, ...] = BANK_NAMES
+    temperature: float = 0.1
+    w_u: float = 0.1
+    w_s: float = 10.0
+    w_ce: float = 0.1
+    w_kd: float = 0.9
+    kd_temperature: float = 2.0
+    normalization: str = "official"
+    n_extra_keys: int = 4096
+    representation: str = "pooler"
+    bank_dtype: str = "float32"
+    bank_device: str = "auto"
+    max_snapshots: Optional[int] = None
+    snapshot_mode: str = "train"
+    encode_batch_size: Optional[int] = None
+    regression_bins: Optional[int] = None
+    teacher_epochs: float = 3.0
+
+    def __post_init__(self):
+        self.banks = tuple(self.banks)
+        if self.method == "block-movement" and self.block_size is None:
+            self.block_size = 32
+        self.validate()
+
+    def validate(self) -> None:
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name}: expected one of {options}, got {getattr(self, name)!r}")
+
+        choice("method", METHODS)
+        choice("normalization", NORMALIZATIONS)
+        choice("representation", REPRESENTATIONS)
+        choice("bank_dtype", BANK_DTYPES)
+        choice("snapshot_mode", SNAPSHOT_MODES)
+        choice("schedule_unit", SCHEDULE_UNITS)
+        choice("block_score_mode", BLOCK_SCORE_MODES)
+        choice("magnitude_scope", ("local", "global"))
+        check_sparsity(self.target_sparsity, "target_sparsity")
+        unknown = [b for b in self.banks if b not in BANK_NAMES]
+        if unknown:
+            raise ValueError(f"banks: expected a subset of {BANK_NAMES}, got {self.banks!r}")
+        if self.block_size is not None:
+            normalize_block_size(self.block_size)
+            if self.method not in ("block-movement", "magnitude"):
+                raise ValueError(f"block_size: only 'block-movement' and 'magnitude' use block layouts, got "
+                                 f"block_size={self.block_size} with method {self.method!r}")
+        for name in ("temperature", "kd_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for name in ("w_u", "w_s", "w_ce", "w_kd", "score_lr", "soft_lambda_final", "sparsity_tolerance",
+                     "teacher_epochs"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.n_extra_keys, int) or self.n_extra_keys < 0:
+            raise ValueError(f"n_extra_keys: expected an int >= 0, got {self.n_extra_keys!r}")
+        if not isinstance(self.structured_steps, int) or self.structured_steps < 1:
+            raise ValueError(f"structured_steps: expected an int >= 1, got {self.structured_steps!r}")
+        if self.max_snapshots is not None and (not isinstance(self.max_snapshots, int) or self.max_snapshots < 1):
+            raise ValueError(f"max_snapshots: expected None or an int >= 1, got {self.max_snapshots!r}")
+        if self.regression_bins is not None and (not isinstance(self.regression_bins, int) or self.regression_bins < 2):
+            raise ValueError(f"regression_bins: expected None or an int >= 2, got {self.regression_bins!r}")
+        if not 0 < self.soft_final_threshold < 1:
+            raise ValueError(f"soft_final_threshold: expected a number in (0, 1), got {self.soft_final_threshold!r}")
+
+    # -- derived -----------------------------------------------------------------------------------------
+    @property
+    def structured(self) -> bool:
+        return self.method == "first-order"
+
+    @property
+    def active_banks(self) -> Tuple[str, ...]:
+        return self.banks if self.use_cap else ()
+
+    # -- recipes -----------------------------------------------------------------------------------------
+    @classmethod
+    def recipe(cls, name: str, **overrides) -> "CAPConfig":
+        """The published defaults (``docs/cap.md``): "glue-unstructured", "glue-structured",
+        "squad-unstructured", "squad-structured". ``overrides`` replace fields."""
+        if name not in RECIPES:
+            raise ValueError(f"recipe: expected one of {tuple(RECIPES)}, got {name!r}")
+        values = dict(RECIPES[name])
+        values.update(overrides)
+        return cls(**values)
+
+    # -- serialisation -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["banks"] = list(self.banks)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CAPConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"CAPConfig: unknown field(s) {unknown}; expected some of {sorted(names)}")
+        return cls(**values)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str) -> "CAPConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def __str__(self) -> str:
+        lines = [f"CAPConfig(method={self.method!r}, target_sparsity={self.target_sparsity})"]
+        for f in dataclasses.fields(self):
+            lines.append(f"  {f.name:<24} = {getattr(self, f.name)!r}")
+        return "\n".join(lines)
+
+
+# Published defaults (cap-method.md §4, §10.7). The matching TrainingArguments are in RECIPE_TRAINING.
+RECIPES = {
+    "glue-unstructured": dict(method="movement", target_sparsity=0.9, temperature=0.1, w_u=0.1, w_s=10.0, w_ce=0.1,
+                              w_kd=0.9, kd_temperature=2.0, representation="pooler", schedule_warmup=11000,
+                              schedule_unit="steps", initial_warmup=2, final_warmup=3, score_lr=1e-2,
+                              snapshot_mode="train", n_extra_keys=4096),
+    "glue-structured": dict(method="first-order", target_sparsity=0.9, structured_steps=9, epochs_per_step=2.0,
+                            structured_warmup_ratio=0.1, heads_protected=1, temperature=0.1, w_u=0.3, w_s=3.0,
+                            w_ce=0.1, w_kd=0.9, kd_temperature=1.0, representation="pooler", snapshot_mode="eval",
+                            n_extra_keys=4096),
+    "squad-unstructured": dict(method="movement", target_sparsity=0.9, temperature=0.1, w_u=0.5, w_s=0.0, w_ce=0.1,
+                               w_kd=0.9, kd_temperature=2.0, representation="cls", schedule_warmup=5400,
+                               schedule_unit="steps", initial_warmup=1, final_warmup=2, score_lr=1e-2,
+                               snapshot_mode="train", n_extra_keys=4096),
+    "squad-structured": dict(method="first-order", target_sparsity=0.9, structured_steps=9, epochs_per_step=2.0,
+                             structured_warmup_ratio=0.1, heads_protected=1, temperature=0.3, w_u=0.3, w_s=0.0,
+                             w_ce=0.1, w_kd=0.9, kd_temperature=1.0, representation="cls", snapshot_mode="eval",
+                             n_extra_keys=4096),
+}
+
+# The TrainingArguments of the official scripts, for reference (cap-method.md §4).
+RECIPE_TRAINING = {
+    "glue-unstructured": dict(num_train_epochs=10, per_device_train_batch_size=32, learning_rate=3e-5,
+                              warmup_steps=11000, weight_decay=0.0, max_grad_norm=1.0, seed=42),
+    "glue-structured": dict(num_train_epochs=18, per_device_train_batch_size=16, learning_rate=2e-5,
+                            weight_decay=0.01, max_grad_norm=1.0, seed=42),
+    "squad-unstructured": dict(num_train_epochs=10, per_device_train_batch_size=16, learning_rate=3e-5,
+                               warmup_steps=5400, weight_decay=0.0, max_grad_norm=1.0, seed=42),
+    "squad-structured": dict(num_train_epochs=18, per_device_train_batch_size=16, learning_rate=3e-5,
+                             weight_decay=0.01, max_grad_norm=1.0, seed=42),
+}

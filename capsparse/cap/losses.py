@@ -1,0 +1,120 @@
+"""The CAP objective and the sentence representations it contrasts.
+
+    L = w_ce * CE + sum_b (w_u * L_u^b + w_s * L_s^b) + w_kd * T^2 * KL(p_T || p_S) (batchmean) + lambda_t * L1
+
+The contrastive terms use :func:`capsparse.ops.cap_contrastive_loss` per bank, with the keys of
+:meth:`capsparse.cap.banks.BankSet.keys_for`. Teacher logits come from the per-example cache filled
+during the FiC encoding pass.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.contrastive import cap_contrastive_loss
+
+
+class RepresentationTap:
+    """Forward hooks that record what the representations need, without patching classes:
+
+    - the input of ``model.classifier`` (pooler output after the classifier dropout: the official query);
+    - the output of ``model.base_model`` (last hidden state, pooler output).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.base = getattr(model, "base_model", None)
+        if self.base is None:
+            raise ValueError(f"model: expected a transformers model with base_model, got {type(model).__name__}")
+        self.classifier_input = None
+        self.base_output = None
+        self._handles = [self.base.register_forward_hook(self._on_base)]
+        head = getattr(model, "classifier", None)
+        if head is not None:
+            self._handles.append(head.register_forward_pre_hook(self._on_head))
+
+    def _on_base(self, module, args, output):
+        self.base_output = output
+
+    def _on_head(self, module, args):
+        self.classifier_input = args[0]
+
+    def clear(self) -> None:
+        self.classifier_input = self.base_output = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def representation(self, kind: str, attention_mask: Optional[torch.Tensor], query: bool) -> torch.Tensor:
+        """``kind`` in pooler / cls / mean; ``query=True`` takes the post-dropout pooler (official query)."""
+        out = self.base_output
+        if kind == "pooler":
+            if query and self.classifier_input is not None:
+                return self.classifier_input
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
+                raise ValueError("representation='pooler': the model has no pooler output; use 'cls' or 'mean'")
+            return pooled
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if kind == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(1)
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+            regression: bool = False) -> torch.Tensor:
+    """``T^2 * KL(softmax(z_T / T) || softmax(z_S / T))`` with ``batchmean`` (MSE for regression)."""
+    if regression:
+        return F.mse_loss(student_logits.float().reshape(-1), teacher_logits.float().reshape(-1))
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1), F.softmax(teacher_logits.float() / t, dim=-1),
+                    reduction="batchmean") * t * t
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    if regression:
+        return F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
+    return F.cross_entropy(logits.float(), labels.long())
+
+
+def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
+                  query: Optional[torch.Tensor], banks=None, teacher_logits: Optional[torch.Tensor] = None,
+                  contrastive_labels: Optional[torch.Tensor] = None, regularization: Optional[torch.Tensor] = None,
+                  reg_lambda: float = 0.0, regression: bool = False, use_contrastive: bool = True
+                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``(total, components)``; components are detached scalars (ce, kd, <bank>_u, <bank>_s, l1)."""
+    parts: Dict[str, torch.Tensor] = {}
+    ce = task_loss(logits, labels, regression)
+    total = config.w_ce * ce
+    parts["ce"] = ce.detach()
+    if teacher_logits is not None and config.w_kd > 0:
+        kd = kd_loss(logits, teacher_logits.to(logits.device), config.kd_temperature, regression)
+        total = total + config.w_kd * kd
+        parts["kd"] = kd.detach()
+    if use_contrastive and banks is not None and query is not None:
+        supervised = config.w_s > 0 and contrastive_labels is not None
+        for name, bank in banks.ready().items():
+            keys, key_ids, key_labels, exclude = banks.keys_for(
+                name, query, ids, contrastive_labels if supervised else None, config.n_extra_keys)
+            loss_u, loss_s = cap_contrastive_loss(
+                query, keys, ids.to(query.device), key_ids,
+                contrastive_labels.to(query.device) if supervised else None,
+                key_labels if supervised else None,
+                temperature=config.temperature, normalization=config.normalization, exclude_index=exclude)
+            total = total + config.w_u * loss_u
+            parts[f"{name}_u"] = loss_u.detach()
+            if loss_s is not None:
+                total = total + config.w_s * loss_s
+                parts[f"{name}_s"] = loss_s.detach()
+    if regularization is not None and reg_lambda > 0:
+        total = total + reg_lambda * regularization
+        parts["l1"] = regularization.detach()
+    return total, parts

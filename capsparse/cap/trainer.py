@@ -1,0 +1,583 @@
+"""``CAPTrainer``: CAP pruning as a ``transformers.Trainer``.
+
+Signature (stable; the CLI calls it directly)::
+
+    CAPTrainer(model, args: TrainingArguments, cap_config: CAPConfig, train_dataset, eval_dataset=None,
+               teacher=None, processing_class=None, data_collator=None, compute_metrics=None, callbacks=None)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+import transformers
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from ..nn.sparse_linear import SparseLinear
+from ..pruning.pruners import SCORE_ATTR, build_pruner
+from ..pruning.schedule import CubicSchedule
+from ..pruning.structured import StructuredMasks, compact_model, prune_count, select_units
+from ..surgery import sparse_layers, sparsify
+from .banks import BankSet, _dist, encode_pass, shard_indices
+from .config import CAPConfig
+from .losses import RepresentationTap, cap_objective, task_loss
+
+CAP_STATE_NAME = "cap_state.pt"
+
+
+class _CAPCallback(TrainerCallback):
+    """Routes Trainer events to the trainer: schedule, bank encoding, mask updates."""
+
+    def __init__(self, trainer: "CAPTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._on_train_begin(state, kwargs.get("train_dataloader"))
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer._on_epoch_begin(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._on_step_begin(state)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._before_optimizer_step()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._after_optimizer_step(state)
+
+
+def _drop_idx(collator):
+    def collate(features):
+        batch = collator(features)
+        batch.pop("idx", None)
+        return batch
+    return collate
+
+
+class CAPTrainer(transformers.Trainer):
+    """Prune a sequence-classification model with CAP (Xu et al., AAAI 2022).
+
+    Args:
+        model: a transformers ``...ForSequenceClassification`` (BERT family), dense. It is pruned in place:
+            unstructured/block methods swap the encoder linears for :class:`capsparse.SparseLinear`
+            (``block_size`` for "block-movement") and add ``movement_scores`` parameters; "first-order"
+            adds head / FFN-neuron mask buffers and hooks (:meth:`compact` removes them physically).
+        args: ``TrainingArguments``. ``max_steps`` / epochs define the schedule's total steps. For
+            "first-order", ``num_train_epochs`` should be ``structured_steps * epochs_per_step``: the total
+            optimizer steps are split evenly into the pruning steps.
+        cap_config: a :class:`CAPConfig` (e.g. ``CAPConfig.recipe("glue-unstructured")``).
+        train_dataset: tokenised, with ``input_ids``, ``attention_mask``, optional ``token_type_ids``, ``labels``
+            and ``idx`` (example id ``0..N-1``; the banks are indexed by it).
+        eval_dataset, processing_class, data_collator, compute_metrics, callbacks: as ``Trainer``.
+        teacher: the dense fine-tuned teacher (KD and FiC). ``None``: a copy of ``model`` is fine-tuned first
+            for ``cap_config.teacher_epochs`` epochs (only when KD or FiC is on).
+
+    After :meth:`train`, :meth:`sparsity_report` gives the reached sparsity; training fails with a
+    ``RuntimeError`` when it misses ``target_sparsity`` by more than ``sparsity_tolerance`` (soft movement
+    only warns: its sparsity is set by the L1 weight).
+    """
+
+    def __init__(self, model, args, cap_config: CAPConfig, train_dataset, eval_dataset=None, teacher=None,
+                 processing_class=None, data_collator=None, compute_metrics=None, callbacks=None):
+        if not isinstance(cap_config, CAPConfig):
+            raise TypeError(f"cap_config: expected a capsparse.cap.CAPConfig, got {type(cap_config).__name__}")
+        if train_dataset is None:
+            raise ValueError("train_dataset: expected a tokenised dataset with an 'idx' column, got None")
+        cfg = cap_config
+        self.cap_config = cfg
+        self._ids, self._train_labels = _read_ids_and_labels(train_dataset)
+        self.n_examples = len(self._ids)
+        self.regression = model.config.problem_type == "regression" or model.config.num_labels == 1
+        self._bin_edges = None
+        if self.regression and cfg.use_cap and cfg.w_s > 0:
+            if cfg.regression_bins is None:
+                raise ValueError("w_s: supervised positives compare class labels, but this is a regression task "
+                                 "(num_labels == 1); set w_s=0, or regression_bins=<k> to bin the targets into "
+                                 "k quantile bins")
+            qs = torch.linspace(0, 1, cfg.regression_bins + 1)[1:-1]
+            self._bin_edges = torch.quantile(self._train_labels.float(), qs)
+        self.needs_teacher = cfg.w_kd > 0 or "fic" in cfg.active_banks
+        if teacher is not None:
+            _check_teacher(teacher, model)
+        self.teacher = teacher
+        self._dense_copy = copy.deepcopy(model) if (teacher is None and self.needs_teacher) else None
+
+        # pruning structure
+        self.pruner = None
+        self.structured_masks = None
+        if cfg.structured:
+            self.structured_masks = StructuredMasks(model)
+        else:
+            if not sparse_layers(model):
+                sparsify(model, block_size=cfg.block_size)
+            kwargs = {}
+            if cfg.method == "magnitude":
+                kwargs["scope"] = cfg.magnitude_scope
+            else:
+                kwargs.update(score_init=cfg.score_init, block_score_mode=cfg.block_score_mode)
+                if cfg.method == "soft-movement":
+                    kwargs["min_keep"] = cfg.soft_min_keep
+            self.pruner = build_pruner(cfg.method, model, **kwargs)
+            self.pruner.check_reachable(cfg.target_sparsity, cfg.sparsity_tolerance)
+        self.tap = RepresentationTap(model)
+
+        if data_collator is None:
+            data_collator = (transformers.DataCollatorWithPadding(processing_class) if processing_class is not None
+                             else transformers.default_data_collator)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=[_CAPCallback(self)] + list(callbacks or []))
+        self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: let Trainer scale for accumulation
+        self.banks: Optional[BankSet] = None
+        self.schedule: Optional[CubicSchedule] = None
+        self.snapshot_epochs = set()
+        self.stage = 0
+        self._restored = False
+        self._steps_per_epoch = None
+        self._stage_len = None
+        self._parts_sum, self._parts_n = {}, 0
+        self.last_sparsity_report = None
+
+    # -- data ------------------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for col in ("idx", "labels", "label"):
+            if col not in self._signature_columns:
+                self._signature_columns.append(col)
+
+    def _encode_loader(self, shard: bool = True, limit: Optional[int] = None):
+        ds = self.train_dataset
+        try:
+            import datasets
+            if isinstance(ds, datasets.Dataset):
+                ds = self._remove_unused_columns(ds, description="CAP encoding")
+        except ImportError:
+            pass
+        indices = shard_indices(len(ds)) if shard else torch.arange(len(ds))
+        bs = self.cap_config.encode_batch_size or self.args.per_device_eval_batch_size
+        if limit is not None:
+            indices = indices[:limit * bs]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=bs,
+                                             shuffle=False, collate_fn=self.data_collator)
+        for batch in loader:
+            yield self._prepare_inputs(batch)
+
+    # -- representations and loss -------------------------------------------------------------------------
+    def _encode_fn(self, tap, want_logits):
+        kind = self.cap_config.representation
+
+        def fn(model, batch):
+            batch = dict(batch)
+            batch.pop("idx", None)
+            batch.pop("labels", None)
+            batch.pop("label", None)
+            tap.clear()
+            out = model(**batch)
+            reps = tap.representation(kind, batch.get("attention_mask"), query=False)
+            return reps, (out.logits if want_logits else None)
+        return fn
+
+    def _contrastive_labels(self, labels):
+        if self.cap_config.w_s <= 0:
+            return None
+        if self.regression:
+            return torch.bucketize(labels.float().reshape(-1), self._bin_edges.to(labels.device))
+        return labels.long()
+
+    def _current_lambda(self) -> float:
+        if self.cap_config.method != "soft-movement" or self.schedule is None:
+            return 0.0
+        return self.schedule(self.state.global_step)[1]
+
+    def _objective(self, logits, labels, ids, attention_mask, use_contrastive=True):
+        cfg = self.cap_config
+        teacher_logits = None
+        if cfg.w_kd > 0 and self.banks is not None and self.banks.teacher_logits is not None:
+            teacher_logits = self.banks.teacher_logits[ids.to(self.banks.device)]
+        query = None
+        if cfg.use_cap and use_contrastive and self.banks is not None and self.banks.ready():
+            query = self.tap.representation(cfg.representation, attention_mask, query=True)
+        reg = self.pruner.regularization() if self.pruner is not None else None
+        return cap_objective(cfg, logits, labels, ids, query, banks=self.banks if query is not None else None,
+                             teacher_logits=teacher_logits, contrastive_labels=self._contrastive_labels(labels),
+                             regularization=reg, reg_lambda=self._current_lambda(), regression=self.regression,
+                             use_contrastive=use_contrastive)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        ids = inputs.pop("idx", None)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            labels = inputs.pop("label", None)
+        if labels is None:
+            raise ValueError("inputs: expected a 'labels' column for CAP training, found none")
+        self.tap.clear()
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if not model.training or ids is None:  # evaluation: the task loss only
+            loss = task_loss(logits, labels, self.regression)
+        else:
+            loss, parts = self._objective(logits, labels, ids, inputs.get("attention_mask"))
+            for k, v in parts.items():
+                self._parts_sum[k] = self._parts_sum.get(k, 0.0) + v
+            self._parts_n += 1
+        return (loss, outputs) if return_outputs else loss
+
+    # -- optimizer / scheduler -------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model
+        scores = self.pruner.score_parameters() if self.pruner is not None else []
+        score_ids = {id(p) for p in scores}
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in score_ids]
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        if scores:
+            groups.append({"params": scores, "lr": self.cap_config.score_lr, "weight_decay": 0.0})
+        groups = [g for g in groups if g["params"]]
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if not self.cap_config.structured:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            n = self.cap_config.structured_steps
+            stage_len = max(1, num_training_steps // n)
+            ratio = self.cap_config.structured_warmup_ratio
+
+            def factor(step):  # a fresh linear warm-up / decay per pruning step (official: new scheduler)
+                stage = min(step // stage_len, n - 1)
+                pos = step - stage * stage_len
+                length = stage_len if stage < n - 1 else max(1, num_training_steps - stage * stage_len)
+                warm = int(ratio * length)
+                if pos < warm:
+                    return pos / max(1, warm)
+                return max(0.0, (length - pos) / max(1, length - warm))
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # -- training events -----------------------------------------------------------------------------------
+    def _on_train_begin(self, state, train_dataloader):
+        cfg = self.cap_config
+        ga = self.args.gradient_accumulation_steps
+        self._steps_per_epoch = max(1, math.ceil(len(train_dataloader) / ga)) if train_dataloader is not None else 1
+        total = state.max_steps
+        if cfg.structured:
+            self._stage_len = total // cfg.structured_steps
+            if self._stage_len < 1:
+                raise ValueError(f"structured_steps: {cfg.structured_steps} pruning steps need at least as many "
+                                 f"optimizer steps, got {total}")
+            expected = cfg.structured_steps * cfg.epochs_per_step
+            if abs(float(self.args.num_train_epochs) - expected) > 1e-6 and self.args.max_steps <= 0:
+                warnings.warn(f"first-order: num_train_epochs={self.args.num_train_epochs} but structured_steps * "
+                              f"epochs_per_step = {expected:g}; the {total} steps are split evenly into "
+                              f"{cfg.structured_steps} pruning steps", stacklevel=2)
+        else:
+            if cfg.method == "soft-movement":
+                kw = dict(initial_threshold=0.0, final_threshold=cfg.soft_final_threshold,
+                          final_lambda=cfg.soft_lambda_final)
+            else:
+                kw = dict(initial_threshold=1.0, final_threshold=1.0 - cfg.target_sparsity)
+            self.schedule = CubicSchedule.resolve(total, cfg.schedule_warmup, cfg.schedule_unit,
+                                                  self._steps_per_epoch, initial_warmup=cfg.initial_warmup,
+                                                  final_warmup=cfg.final_warmup, **kw)
+            if cfg.target_sparsity > 0:
+                self.schedule.validate()
+        device = self.args.device
+        if self.teacher is not None:
+            self.teacher.to(device).eval()
+        if not self._restored:
+            self._build_banks(state)
+        if self.pruner is not None:
+            self.pruner.update(self.schedule(state.global_step)[0])
+
+    def _bank_reps(self, state) -> dict:
+        cfg = self.cap_config
+        reps = {}
+        for name in cfg.active_banks:
+            if name == "snc":
+                r = cfg.max_snapshots
+                if r is None:
+                    r = cfg.structured_steps - 1 if cfg.structured else max(1, math.ceil(state.num_train_epochs) - 1)
+                if r < 1:
+                    continue
+                reps[name] = r
+            else:
+                reps[name] = 1
+        return reps
+
+    def _allocate_banks(self, reps):
+        labels = self._contrastive_labels(self._train_labels) if self.cap_config.w_s > 0 else None
+        return BankSet.allocate(self.n_examples, self.model.config.hidden_size, reps, self.cap_config.bank_dtype,
+                                self.cap_config.bank_device, self.args.device, labels=labels,
+                                seed=self.args.seed + 17 * _rank())
+
+    def _build_banks(self, state):
+        cfg = self.cap_config
+        self.banks = self._allocate_banks(self._bank_reps(state))
+        if self.teacher is not None and self.needs_teacher:
+            tap = RepresentationTap(self.teacher)
+            try:
+                ids, reps, logits = encode_pass(self.teacher, self._encode_loader(),
+                                                self._encode_fn(tap, want_logits=True), train_mode=False,
+                                                n_examples=self.n_examples, want_logits=True)
+            finally:
+                tap.remove()
+            if cfg.w_kd > 0:
+                cache = torch.zeros(self.n_examples, logits.shape[-1], device=self.banks.device)
+                cache[ids.to(self.banks.device)] = logits.to(self.banks.device)
+                self.banks.teacher_logits = cache
+            if "fic" in self.banks.banks:
+                self.banks["fic"].write(self.banks["fic"].new_slot(), ids, reps)
+        if not cfg.structured and "prc" in self.banks.banks:
+            self._encode_student("prc", train_mode=False, seed=self.args.seed)
+
+    def _encode_student(self, name, train_mode, seed):
+        ids, reps, _ = encode_pass(self.model, self._encode_loader(), self._encode_fn(self.tap, False),
+                                   train_mode=train_mode, seed=seed, n_examples=self.n_examples)
+        bank = self.banks[name]
+        bank.write(bank.new_slot(), ids, reps)
+
+    def _on_epoch_begin(self, state):
+        cfg = self.cap_config
+        if cfg.structured or self.banks is None or "snc" not in self.banks.banks:
+            return
+        epoch = state.global_step // self._steps_per_epoch
+        if epoch >= 1 and epoch not in self.snapshot_epochs:
+            self._encode_student("snc", train_mode=cfg.snapshot_mode == "train", seed=self.args.seed + 1000 * epoch)
+            self.snapshot_epochs.add(epoch)
+
+    def _on_step_begin(self, state):
+        cfg = self.cap_config
+        if not cfg.structured or self.stage >= cfg.structured_steps:
+            return
+        if state.global_step >= self.stage * self._stage_len:
+            self._prune_stage(self.stage)
+            self.stage += 1
+
+    def _importance_loss(self, use_contrastive):
+        def loss_fn(batch):
+            batch = dict(batch)
+            ids = batch.pop("idx")
+            labels = batch.pop("labels", None)
+            if labels is None:
+                labels = batch.pop("label")
+            self.tap.clear()
+            out = self.model(**batch)
+            loss, _ = self._objective(out.logits, labels, ids, batch.get("attention_mask"), use_contrastive)
+            return loss
+        return loss_fn
+
+    def _prune_stage(self, stage: int):
+        """One CAP-f step: importance -> new masks -> encode (before applying them) -> apply -> fresh optimizer."""
+        cfg = self.cap_config
+        masks = self.structured_masks
+        fraction = round(cfg.target_sparsity * (stage + 1) / cfg.structured_steps, 10)
+        was = self.model.training
+        self.model.eval()
+        imp_h, imp_n = masks.accumulate_importance(self._importance_loss(use_contrastive=stage > 0),
+                                                   self._encode_loader(limit=cfg.importance_batches))
+        self.model.train(was)
+        dist = _dist()
+        if dist is not None:
+            dist.all_reduce(imp_h)
+            dist.all_reduce(imp_n)
+        heads, neurons = masks.head_masks() > 0, masks.neuron_masks() > 0
+        new_h = select_units(imp_h, heads, prune_count(heads.numel(), fraction), cfg.heads_protected)
+        new_n = select_units(imp_n, neurons, prune_count(neurons.numel(), fraction), 0)
+        if self.banks is not None:
+            name = "prc" if stage == 0 else "snc"
+            if name in self.banks.banks:
+                self._encode_student(name, train_mode=(name == "snc" and cfg.snapshot_mode == "train"),
+                                     seed=self.args.seed + 1000 * stage)
+        masks.set_masks(new_h.float(), new_n.float())
+        if self.optimizer is not None:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            inner.state.clear()
+
+    def _before_optimizer_step(self):
+        if self.pruner is not None and getattr(self.pruner, "freezes_pruned", False):
+            self.pruner.freeze_pruned()
+
+    def _after_optimizer_step(self, state):
+        if self.pruner is None:
+            return
+        if getattr(self.pruner, "freezes_pruned", False):
+            self.pruner.restore_frozen()
+        # masks for the next step's forwards (official: threshold(global_step) at each forward)
+        self.pruner.update(self.schedule(state.global_step + 1)[0])
+
+    # -- logging ---------------------------------------------------------------------------------------------
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self._parts_n:
+            for k, v in self._parts_sum.items():
+                logs[k] = round(float(v) / self._parts_n, 6)
+            self._parts_sum, self._parts_n = {}, 0
+            logs["sparsity"] = round(self.sparsity_report()["global"], 6)
+        super().log(logs, start_time)
+
+    # -- reporting -------------------------------------------------------------------------------------------
+    def sparsity_report(self) -> dict:
+        """``{"global": float, "per_layer": {name: float}, "encoder_params": float}``.
+
+        ``global`` counts the weights of the six encoder linears per layer (the pruning scope, on which the
+        target is defined); ``encoder_params`` also counts encoder biases and LayerNorms as remaining (the
+        official ``counts_parameters.py``). Embeddings, pooler and head are excluded.
+        """
+        model = self.model
+        if self.structured_masks is not None and self.structured_masks._handles:
+            global_, per = self.structured_masks.weight_sparsity()
+            pruned = sum(frac * model.get_submodule(n).weight.numel() for n, frac in per.items())
+        else:
+            per, pruned, total = {}, 0, 0
+            for name, layer in sparse_layers(model):
+                kept = int(layer.element_mask().sum())
+                per[name] = 1.0 - kept / layer.weight.numel()
+                pruned += layer.weight.numel() - kept
+                total += layer.weight.numel()
+            global_ = pruned / total if total else 0.0
+        encoder = getattr(model.base_model, "encoder", model)
+        n_enc = sum(p.numel() for n, p in encoder.named_parameters() if not n.endswith(SCORE_ATTR))
+        return {"global": float(global_), "per_layer": per, "encoder_params": float(pruned / n_enc) if n_enc else 0.0}
+
+    def _check_sparsity(self):
+        cfg = self.cap_config
+        report = self.sparsity_report()
+        self.last_sparsity_report = report
+        miss = abs(report["global"] - cfg.target_sparsity)
+        if miss <= cfg.sparsity_tolerance:
+            return report
+        msg = (f"reached sparsity {report['global']:.4f} misses target_sparsity {cfg.target_sparsity} by {miss:.4f} "
+               f"(> sparsity_tolerance {cfg.sparsity_tolerance})")
+        if cfg.method == "soft-movement":
+            warnings.warn(f"soft movement: {msg}; the sparsity is set by soft_lambda_final, tune it", stacklevel=3)
+            return report
+        raise RuntimeError(msg)
+
+    # -- train / checkpoints -------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint is True or resume_from_checkpoint == "True":
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self._load_cap_state(resume_from_checkpoint)
+        if self.needs_teacher and self.teacher is None and not self._restored:
+            self.teacher = self._finetune_teacher()
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                            ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        self._check_sparsity()
+        return out
+
+    def _finetune_teacher(self):
+        """Fine-tune a dense copy of the model (CE only) for ``teacher_epochs``."""
+        teacher = self._dense_copy
+        self._dense_copy = None
+        targs = dataclasses.replace(self.args, output_dir=os.path.join(self.args.output_dir, "teacher"),
+                                    num_train_epochs=self.cap_config.teacher_epochs, max_steps=-1,
+                                    save_strategy="no", eval_strategy="no", report_to="none",
+                                    load_best_model_at_end=False, push_to_hub=False, warmup_steps=0)
+        trainer = transformers.Trainer(model=teacher, args=targs, train_dataset=self.train_dataset,
+                                       data_collator=_drop_idx(self.data_collator))
+        trainer.train()
+        return teacher.eval()
+
+    def _cap_state(self) -> dict:
+        return {"config": self.cap_config.to_dict(),
+                "banks": None if self.banks is None else self.banks.state_dict(),
+                "bank_reps": None if self.banks is None else {n: b.max_reps for n, b in self.banks.banks.items()},
+                "snapshot_epochs": sorted(self.snapshot_epochs), "stage": self.stage,
+                "pruner": None if self.pruner is None else self.pruner.state_dict()}
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self._cap_state(), os.path.join(out, CAP_STATE_NAME))
+
+    def _load_cap_state(self, checkpoint: str):
+        path = os.path.join(checkpoint, CAP_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} has no {CAP_STATE_NAME}; expected a CAPTrainer "
+                             f"checkpoint")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["banks"] is not None:
+            self.banks = self._allocate_banks(state["bank_reps"])
+            self.banks.load_state_dict(state["banks"])
+        self.snapshot_epochs = set(state["snapshot_epochs"])
+        self.stage = int(state["stage"])
+        if self.pruner is not None and state["pruner"] is not None:
+            self.pruner.load_state_dict(state["pruner"])
+        self._restored = True
+
+    # -- after training ------------------------------------------------------------------------------------------
+    def compact(self) -> dict:
+        """first-order: physically remove the pruned heads / neurons (same logits as the masked model)."""
+        if self.structured_masks is None:
+            raise ValueError("compact: only method='first-order' has heads/neurons to remove")
+        removed = compact_model(self.model, self.structured_masks)
+        return removed
+
+    def finalize(self) -> None:
+        """Remove score parameters and hooks: the model keeps plain SparseLinear layers with their masks."""
+        if self.pruner is not None:
+            self.pruner.remove()
+        self.tap.remove()
+
+
+def _rank() -> int:
+    dist = _dist()
+    return dist.get_rank() if dist is not None else 0
+
+
+def _read_ids_and_labels(ds):
+    cols = getattr(ds, "column_names", None)
+    if cols is not None:
+        if "idx" not in cols:
+            raise ValueError(f"train_dataset: expected an 'idx' column (example id 0..N-1) for the CAP banks, got "
+                             f"columns {cols}; add it with dataset.map(lambda e, i: {{'idx': i}}, with_indices=True)")
+        label_col = "labels" if "labels" in cols else "label" if "label" in cols else None
+        if label_col is None:
+            raise ValueError(f"train_dataset: expected a 'labels' column, got columns {cols}")
+        ids = torch.as_tensor(list(ds["idx"]), dtype=torch.int64)
+        labels = torch.as_tensor(list(ds[label_col]))
+    else:
+        first = ds[0]
+        if "idx" not in first:
+            raise ValueError(f"train_dataset: expected each example to have 'idx' (example id 0..N-1) for the CAP "
+                             f"banks, got keys {sorted(first)}")
+        ids = torch.as_tensor([int(ds[i]["idx"]) for i in range(len(ds))], dtype=torch.int64)
+        labels = torch.as_tensor([ds[i]["labels"] if "labels" in ds[i] else ds[i]["label"] for i in range(len(ds))])
+    n = ids.numel()
+    if n == 0 or not torch.equal(torch.sort(ids).values, torch.arange(n)):
+        raise ValueError(f"train_dataset: expected 'idx' to hold each example id 0..{n - 1} exactly once")
+    by_id = torch.empty_like(labels)
+    by_id[ids] = labels
+    return ids, by_id
+
+
+def _check_teacher(teacher, model):
+    t, s = teacher.config, model.config
+    if t.num_labels != s.num_labels:
+        raise ValueError(f"teacher: expected num_labels={s.num_labels} (the student's), got {t.num_labels}; KD and "
+                         f"FiC need a teacher fine-tuned on the same task")
+    t_map = {str(k): int(v) for k, v in (getattr(t, "label2id", None) or {}).items()}
+    s_map = {str(k): int(v) for k, v in (getattr(s, "label2id", None) or {}).items()}
+    if t_map and s_map and t_map != s_map:
+        raise ValueError(f"teacher: label2id {t_map} does not match the student's {s_map}; the logits would be "
+                         f"compared in a different label order (e.g. MNLI)")

@@ -1,0 +1,307 @@
+"""Unstructured and block pruning criteria behind one interface: scores -> mask at a target.
+
+Every pruner owns a list of ``(name, SparseLinear)`` layers and exposes:
+
+- :meth:`Pruner.score_parameters`: learnable scores (their own optimizer group), ``[]`` for magnitude;
+- :meth:`Pruner.update`: recompute every mask ONCE from the current scores at the scheduled value
+  (a kept fraction for top-k criteria, a sigmoid threshold for soft movement). The trainer calls it
+  once per optimizer step, after ``optimizer.step()``; forwards never recompute masks;
+- :meth:`Pruner.regularization`: the soft-movement L1 term (``None`` otherwise);
+- :meth:`Pruner.remove`: drop hooks and score parameters, leaving plain ``SparseLinear`` layers.
+
+Straight-through scores (movement, soft movement, block movement): the forward uses the fixed mask
+``W' = M * W`` through the layer's own kernels, and a forward hook routes the layer output through
+:class:`MovementScoreFunction`, whose backward adds ``dL/dS = (dL/dW') * W`` (summed per block for
+block scores) from the layer's input and output gradient. The mask itself gets no gradient.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..backends.registry import get_backend, resolve_backend
+from ..layout import check_sparsity, kept_count_for_density, topk_mask
+from ..nn.sparse_linear import SparseLinear
+from ..surgery import sparse_layers
+
+SCORE_ATTR = "movement_scores"
+BLOCK_SCORE_MODES = ("exact", "fast")
+
+
+def _block_sum(t: torch.Tensor, block_size: Tuple[int, int]) -> torch.Tensor:
+    n, k = t.shape
+    bm, bk = block_size
+    return t.reshape(n // bm, bm, k // bk, bk).sum(dim=(1, 3))
+
+
+class MovementScoreFunction(torch.autograd.Function):
+    """Identity on the layer output; backward sends ``(dL/dW') * W`` to the scores.
+
+    ``dL/dW' = g^T x`` is formed densely (``mode="exact"``), or for block layouts only on the kept
+    blocks with the block-sparse dW primitive (``mode="fast"``: pruned blocks get no score gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, output, x, weight, scores, layer: SparseLinear, mode: str):
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.mode = layer, mode
+        ctx.layout = layer.layout if (mode == "fast" and layer.block_size is not None) else None
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_scores = None
+        if ctx.needs_input_grad[3]:
+            x, weight = ctx.saved_tensors
+            g2 = grad_out.reshape(-1, grad_out.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
+            if ctx.layout is not None:
+                layout = ctx.layout
+                name = resolve_backend(x.device, ctx.layer.backend, op="block movement scores")
+                bm, bk = layout.block_size
+                grad_wp = get_backend(name).bsl_grad_weight(g2.contiguous(), x2.contiguous(), layout.block_rows,
+                                                            layout.block_cols, layout.nnz, bm, bk)
+            else:
+                grad_wp = g2.t().to(weight.dtype) @ x2.to(weight.dtype)
+            prod = grad_wp.float() * weight.float()
+            if ctx.layer.block_size is not None:
+                prod = _block_sum(prod, ctx.layer.block_size)
+            grad_scores = prod
+        return grad_out, None, None, grad_scores, None, None
+
+
+class Pruner:
+    """Base class. ``layers``: ``(name, SparseLinear)`` pairs (default: every SparseLinear of ``model``)."""
+
+    name = "base"
+    #: True when :meth:`update` takes a threshold (soft movement) instead of a kept fraction
+    uses_threshold = False
+
+    def __init__(self, model: nn.Module, layers: Optional[Sequence[Tuple[str, SparseLinear]]] = None):
+        self.model = model
+        self.layers: List[Tuple[str, SparseLinear]] = list(layers) if layers is not None else sparse_layers(model)
+        if not self.layers:
+            raise ValueError(f"model: expected SparseLinear layers to prune in {type(model).__name__}, found none; "
+                             f"call capsparse.sparsify(model) first")
+        self.num_updates = 0
+        self.last_value: Optional[float] = None
+
+    # -- interface -----------------------------------------------------------------------------
+    def score_parameters(self) -> List[nn.Parameter]:
+        return []
+
+    def regularization(self) -> Optional[torch.Tensor]:
+        return None
+
+    @torch.no_grad()
+    def update(self, value: float) -> None:
+        """Recompute all masks from the scores at ``value`` (kept fraction, or threshold)."""
+        self._update(float(value))
+        self.num_updates += 1
+        self.last_value = float(value)
+
+    def _update(self, value: float) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Remove hooks and score parameters (masks stay)."""
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @staticmethod
+    def mask_numel(layer: SparseLinear) -> int:
+        return (layer.mask if layer.block_size is None else layer.block_mask).numel()
+
+    def check_reachable(self, sparsity: float, tolerance: float) -> None:
+        """Raise before training when per-matrix top-k at ``sparsity`` cannot land within ``tolerance``
+        (e.g. a block grid too coarse) or would empty a whole matrix."""
+        check_sparsity(sparsity, "target_sparsity")
+        density = 1.0 - sparsity
+        kept = total = 0
+        for name, layer in self.layers:
+            n = self.mask_numel(layer)
+            k = kept_count_for_density(n, density)
+            if k == 0:
+                unit = "weights" if layer.block_size is None else f"blocks of {layer.block_size}"
+                raise ValueError(f"target_sparsity: {sparsity} is unreachable for {name}: it has {n} {unit}, so "
+                                 f"keeping a fraction {density:g} keeps none (the matrix would be removed); "
+                                 f"expected a target that keeps at least one unit per matrix")
+            elem = layer.weight.numel() // n
+            kept += k * elem
+            total += n * elem
+        reached = 1.0 - kept / total
+        if abs(reached - sparsity) > tolerance:
+            raise ValueError(f"target_sparsity: {sparsity} is unreachable with this layout: per-matrix top-k gives "
+                             f"{reached:.4f}, off by more than sparsity_tolerance={tolerance}")
+
+    def sparsity(self) -> float:
+        kept = total = 0
+        for _, layer in self.layers:
+            m = layer.element_mask()
+            kept += int(m.sum())
+            total += m.numel()
+        return 1.0 - kept / total
+
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates, "last_value": self.last_value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = int(state.get("num_updates", 0))
+        self.last_value = state.get("last_value")
+
+
+class MagnitudePruner(Pruner):
+    """Top-k of ``|W|`` (per block: the sum of ``|W|``), per matrix (``scope="local"``, official) or over all
+    layers at once (``scope="global"``)."""
+
+    name = "magnitude"
+
+    def __init__(self, model, layers=None, scope: str = "local"):
+        super().__init__(model, layers)
+        if scope not in ("local", "global"):
+            raise ValueError(f"scope: expected 'local' or 'global', got {scope!r}")
+        self.scope = scope
+
+    def scores(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in self.layers:
+            s = layer.weight.detach().abs().float()
+            out[name] = s if layer.block_size is None else _block_sum(s, layer.block_size)
+        return out
+
+    def _update(self, density: float) -> None:
+        scores = self.scores()
+        if self.scope == "local":
+            for name, layer in self.layers:
+                layer.set_mask(topk_mask(scores[name], density))
+            return
+        flat = torch.cat([scores[name].reshape(-1) for name, _ in self.layers])
+        mask = topk_mask(flat, density)
+        offset = 0
+        for name, layer in self.layers:
+            n = scores[name].numel()
+            layer.set_mask(mask[offset:offset + n].reshape(scores[name].shape))
+            offset += n
+
+    def check_reachable(self, sparsity, tolerance):
+        if self.scope == "local":
+            super().check_reachable(sparsity, tolerance)
+        else:
+            check_sparsity(sparsity, "target_sparsity")
+
+
+class _ScorePruner(Pruner):
+    """Learnable scores (one per weight, or one per block), registered on each layer as the parameter
+    ``movement_scores`` so that DDP reduces and the Trainer clips/saves them with the model."""
+
+    def __init__(self, model, layers=None, score_init: float = 0.0, block_score_mode: str = "exact"):
+        super().__init__(model, layers)
+        if block_score_mode not in BLOCK_SCORE_MODES:
+            raise ValueError(f"block_score_mode: expected one of {BLOCK_SCORE_MODES}, got {block_score_mode!r}")
+        self.block_score_mode = block_score_mode
+        self._handles = []
+        for _, layer in self.layers:
+            shape = layer.mask.shape if layer.block_size is None else layer.block_mask.shape
+            if not isinstance(getattr(layer, SCORE_ATTR, None), nn.Parameter):
+                layer.register_parameter(SCORE_ATTR, nn.Parameter(
+                    torch.full(shape, float(score_init), dtype=torch.float32, device=layer.weight.device)))
+            self._handles.append(layer.register_forward_hook(self._hook))
+
+    def _hook(self, layer, args, output):
+        scores = getattr(layer, SCORE_ATTR, None)
+        if scores is None or not torch.is_grad_enabled() or not scores.requires_grad:
+            return output
+        mode = self.block_score_mode if layer.block_size is not None else "exact"
+        return MovementScoreFunction.apply(output, args[0], layer.weight, scores, layer, mode)
+
+    def score_parameters(self) -> List[nn.Parameter]:
+        return [getattr(layer, SCORE_ATTR) for _, layer in self.layers]
+
+    def scores(self) -> Dict[str, torch.Tensor]:
+        return {name: getattr(layer, SCORE_ATTR).detach() for name, layer in self.layers}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for _, layer in self.layers:
+            if hasattr(layer, SCORE_ATTR):
+                delattr(layer, SCORE_ATTR)
+
+
+class MovementPruner(_ScorePruner):
+    """Movement pruning (CAP-m): per-matrix top-k of learnable scores (element or block scores).
+
+    With block layouts, ``block_score_mode="exact"`` forms the dense ``dL/dW'`` for the score
+    gradient (as nn_pruning does: pruned blocks keep moving and can come back); ``"fast"`` forms
+    it on kept blocks only, and the trainer freezes the scores of pruned blocks
+    (:meth:`freeze_pruned` / :meth:`restore_frozen`), so a pruned block never returns.
+    """
+
+    name = "movement"
+
+    def _update(self, density: float) -> None:
+        for name, layer in self.layers:
+            layer.set_mask(topk_mask(getattr(layer, SCORE_ATTR).detach(), density))
+
+    def freeze_pruned(self) -> None:
+        """Remember the scores of pruned blocks (call before ``optimizer.step()``; fast mode)."""
+        self._frozen = [getattr(layer, SCORE_ATTR).detach().clone() for _, layer in self.layers]
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        """Put back the remembered scores of pruned blocks (call after ``optimizer.step()``; fast mode)."""
+        frozen = getattr(self, "_frozen", None)
+        if frozen is None:
+            return
+        for (_, layer), saved in zip(self.layers, frozen):
+            scores = getattr(layer, SCORE_ATTR)
+            keep = layer.mask if layer.block_size is None else layer.block_mask
+            scores.copy_(torch.where(keep, scores, saved))
+        self._frozen = None
+
+    @property
+    def freezes_pruned(self) -> bool:
+        return self.block_score_mode == "fast" and any(l.block_size is not None for _, l in self.layers)
+
+
+class SoftMovementPruner(_ScorePruner):
+    """Soft movement pruning (CAP-soft): ``M = sigmoid(S) > tau`` with at least ``min_keep`` of each matrix
+    kept, and the L1 penalty ``mean_m mean(sigmoid(S_m))`` (scaled by ``lambda_t`` in the objective).
+    The reached sparsity is not set directly: measure it with :meth:`sparsity`."""
+
+    name = "soft-movement"
+    uses_threshold = True
+
+    def __init__(self, model, layers=None, score_init: float = 0.0, min_keep: float = 0.005, **kwargs):
+        super().__init__(model, layers, score_init=score_init, **kwargs)
+        self.min_keep = float(min_keep)
+
+    def _update(self, threshold: float) -> None:
+        for name, layer in self.layers:
+            scores = getattr(layer, SCORE_ATTR).detach()
+            mask = torch.sigmoid(scores) > threshold
+            n = scores.numel()
+            nb_min = int(self.min_keep * n) + 1  # as the official ThresholdBinarizer
+            if int(mask.sum()) < nb_min:
+                mask = topk_mask(scores, min(1.0, (nb_min + 0.5) / n))
+            layer.set_mask(mask)
+
+    def regularization(self) -> torch.Tensor:
+        terms = [torch.sigmoid(s).sum() / s.numel() for s in self.score_parameters()]
+        return torch.stack(terms).mean()
+
+    def check_reachable(self, sparsity, tolerance):
+        check_sparsity(sparsity, "target_sparsity")
+
+
+PRUNERS = {"magnitude": MagnitudePruner, "movement": MovementPruner, "block-movement": MovementPruner,
+           "soft-movement": SoftMovementPruner}
+
+
+def build_pruner(method: str, model: nn.Module, layers=None, **kwargs) -> Pruner:
+    """The pruner for ``method`` ("magnitude", "movement", "block-movement", "soft-movement")."""
+    if method not in PRUNERS:
+        raise ValueError(f"method: expected one of {tuple(PRUNERS)} for an unstructured/block pruner, got {method!r}")
+    return PRUNERS[method](model, layers, **kwargs)
