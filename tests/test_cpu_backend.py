@@ -1,0 +1,374 @@
+"""The ``cpu`` backend (``capsparse._C``) against plain torch references.
+
+These tests never skip: if the extension is not built they fail and say how to build it.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capsparse.backends import cpu
+
+
+@pytest.fixture(autouse=True)
+def _extension_built():
+    ok, reason = cpu.is_available()
+    if not ok:
+        pytest.fail(f"the cpu backend is unavailable: {reason}", pytrace=False)
+
+
+@pytest.fixture
+def threads():
+    """Restore the thread count after a test that changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------
+# metadata (contract of docs/design.md), built here from a bitmap so the test does not depend on
+# capsparse.layout
+# ------------------------------------------------------------------------------------------------
+def meta(bitmap: torch.Tensor):
+    r, c = bitmap.shape
+    cap = r * c
+    rows, cols = bitmap.nonzero(as_tuple=True)
+    nnz = rows.numel()
+    row_ptr = torch.zeros(r + 1, dtype=torch.int32)
+    row_ptr[1:] = bitmap.sum(1).cumsum(0)
+    row_cols = torch.zeros(cap, dtype=torch.int32)
+    row_cols[:nnz] = cols.int()
+    block_rows = torch.zeros(cap, dtype=torch.int32)
+    block_rows[:nnz] = rows.int()
+    tcols, trows = bitmap.t().nonzero(as_tuple=True)
+    col_ptr = torch.zeros(c + 1, dtype=torch.int32)
+    col_ptr[1:] = bitmap.sum(0).cumsum(0)
+    col_rows = torch.zeros(cap, dtype=torch.int32)
+    col_rows[:nnz] = trows.int()
+    return dict(row_ptr=row_ptr, row_cols=row_cols, col_ptr=col_ptr, col_rows=col_rows,
+                block_rows=block_rows, block_cols=row_cols.clone(), nnz=torch.tensor(nnz))
+
+
+def make_bitmap(r, c, density, gen, holes=False):
+    if density >= 1:
+        b = torch.ones(r, c, dtype=torch.bool)
+    else:
+        b = torch.rand(r, c, generator=gen) < density
+    if holes and r > 1 and c > 1:  # hand-made empty block-row and block-column, and one full row
+        b[0] = False
+        b[:, -1] = False
+        b[-1, :-1] = True
+    return b
+
+
+def expand(bitmap, bm, bk):
+    return bitmap.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+
+
+def tol_check(got, ref64, torch_fp32, floor=1e-5):
+    """|got - ref| <= 2 * |torch fp32 - ref| + floor * scale (fp32), elementwise max-norm."""
+    scale = ref64.abs().max().item() + 1.0
+    err = (got.double() - ref64).abs().max().item()
+    base = (torch_fp32.double() - ref64).abs().max().item()
+    assert err <= 2 * base + floor * scale, f"err {err:.3g} vs torch fp32 err {base:.3g} (scale {scale:.3g})"
+
+
+SHAPES = [(64, 96), (128, 64), (96, 96), (192, 128)]  # (N, K): out x in, non-square included
+BLOCKS = [(16, 16), (32, 32), (64, 64), (16, 32), (32, 16), (64, 32)]
+DENSITIES = [0.0, 0.03, 0.1, 0.5, 1.0]
+TOKENS = [1, 37, 64, 200]
+
+
+def cases():
+    for (n, k), (bm, bk), d in itertools.product(SHAPES, BLOCKS, DENSITIES):
+        if n % bm == 0 and k % bk == 0:
+            yield n, k, bm, bk, d
+
+
+@pytest.mark.parametrize("n,k,bm,bk,density", list(cases()))
+def test_bsl_fp32_against_fp64_reference(n, k, bm, bk, density):
+    gen = torch.Generator().manual_seed(n * 1000 + k + bm + 7 * bk + int(density * 100))
+    for holes in (False, True):
+        bitmap = make_bitmap(n // bm, k // bk, density, gen, holes=holes)
+        md = meta(bitmap)
+        mask = expand(bitmap, bm, bk)
+        w = torch.randn(n, k, generator=gen)
+        b = torch.randn(n, generator=gen)
+        w64, b64, m64 = w.double(), b.double(), mask.double()
+        for t in TOKENS:
+            x = torch.randn(t, k, generator=gen)
+            gy = torch.randn(t, n, generator=gen)
+            x64, gy64 = x.double(), gy.double()
+            # forward, with and without bias
+            y = cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk)
+            tol_check(y, F.linear(x64, w64 * m64, b64), F.linear(x, w * mask, b))
+            y0 = cpu.bsl_forward(x, w, None, md["row_ptr"], md["row_cols"], bm, bk)
+            tol_check(y0, F.linear(x64, w64 * m64), F.linear(x, w * mask))
+            # dX
+            gx = cpu.bsl_grad_input(gy, w, md["col_ptr"], md["col_rows"], bm, bk)
+            tol_check(gx, gy64 @ (w64 * m64), gy @ (w * mask))
+            # dW: kept blocks only, exact zeros elsewhere
+            gw = cpu.bsl_grad_weight(gy, x, md["block_rows"], md["block_cols"], md["nnz"], bm, bk)
+            tol_check(gw, (gy64.t() @ x64) * m64, (gy.t() @ x) * mask)
+            assert torch.all(gw[~mask] == 0)
+            assert y.dtype == gx.dtype == gw.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bm,bk", [(16, 16), (32, 32), (16, 32), (24, 8), (64, 64)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_bsl_fp64_exact(bm, bk, density):
+    n, k = 192, 128
+    gen = torch.Generator().manual_seed(bm * 31 + bk + int(100 * density))
+    bitmap = make_bitmap(n // bm, k // bk, density, gen, holes=True)
+    md = meta(bitmap)
+    mask = expand(bitmap, bm, bk).double()
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    for t in (1, 37, 200):
+        x = torch.randn(t, k, generator=gen, dtype=torch.float64)
+        gy = torch.randn(t, n, generator=gen, dtype=torch.float64)
+        y = cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk)
+        torch.testing.assert_close(y, F.linear(x, w * mask, b), rtol=1e-12, atol=1e-12)
+        gx = cpu.bsl_grad_input(gy, w, md["col_ptr"], md["col_rows"], bm, bk)
+        torch.testing.assert_close(gx, gy @ (w * mask), rtol=1e-12, atol=1e-12)
+        gw = cpu.bsl_grad_weight(gy, x, md["block_rows"], md["block_cols"], md["nnz"], bm, bk)
+        torch.testing.assert_close(gw, (gy.t() @ x) * mask, rtol=1e-12, atol=1e-12)
+        assert torch.all(gw[mask == 0] == 0)
+
+
+def test_bsl_gradcheck_fp64():
+    n, k, bm, bk = 32, 48, 16, 16
+    gen = torch.Generator().manual_seed(3)
+    bitmap = make_bitmap(n // bm, k // bk, 0.5, gen, holes=True)
+    md = meta(bitmap)
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            ctx.save_for_backward(x, w)
+            return cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk)
+
+        @staticmethod
+        def backward(ctx, gy):
+            x, w = ctx.saved_tensors
+            gy = gy.contiguous()
+            return (cpu.bsl_grad_input(gy, w, md["col_ptr"], md["col_rows"], bm, bk),
+                    cpu.bsl_grad_weight(gy, x, md["block_rows"], md["block_cols"], md["nnz"], bm, bk),
+                    gy.sum(0))
+
+    x = torch.randn(5, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(n, k, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(n, dtype=torch.float64, generator=gen, requires_grad=True)
+    # the masked-out weight entries have zero gradient: perturb only kept ones by masking in the fn
+    mask = expand(bitmap, bm, bk).double()
+    assert torch.autograd.gradcheck(lambda x_, w_, b_: Fn.apply(x_, w_ * mask + w_.detach() * (1 - mask), b_),
+                                    (x, w, b))
+
+
+def test_bsl_batch_dims_flattened():
+    gen = torch.Generator().manual_seed(5)
+    n, k, bm, bk = 128, 64, 32, 32
+    bitmap = make_bitmap(n // bm, k // bk, 0.5, gen)
+    md = meta(bitmap)
+    w = torch.randn(n, k, generator=gen)
+    x = torch.randn(3, 7, k, generator=gen)
+    y = cpu.bsl_forward(x.reshape(-1, k), w, None, md["row_ptr"], md["row_cols"], bm, bk).reshape(3, 7, n)
+    ref = F.linear(x.double(), w.double() * expand(bitmap, bm, bk).double())
+    tol_check(y, ref, F.linear(x, w * expand(bitmap, bm, bk)))
+
+
+def test_bsl_out_argument_and_low_precision():
+    gen = torch.Generator().manual_seed(6)
+    n, k, bm, bk, t = 128, 96, 32, 32, 50
+    bitmap = make_bitmap(n // bm, k // bk, 0.5, gen)
+    md = meta(bitmap)
+    w, b, x = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen), torch.randn(t, k, generator=gen)
+    out = torch.full((t, n), float("nan"))
+    y = cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.equal(out, cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk))
+    gy = torch.randn(t, n, generator=gen)
+    gout = torch.full((t, k), float("nan"))
+    gx = cpu.bsl_grad_input(gy, w, md["col_ptr"], md["col_rows"], bm, bk, out=gout)
+    assert gx.data_ptr() == gout.data_ptr()
+    assert torch.equal(gout, cpu.bsl_grad_input(gy, w, md["col_ptr"], md["col_rows"], bm, bk))
+    with pytest.raises(RuntimeError):
+        cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk, out=torch.empty(t, n + 1))
+    # bf16 is computed in fp32 and rounded
+    mask = expand(bitmap, bm, bk)
+    yb = cpu.bsl_forward(x.bfloat16(), w.bfloat16(), b.bfloat16(), md["row_ptr"], md["row_cols"], bm, bk)
+    assert yb.dtype == torch.bfloat16
+    ref = F.linear(x.bfloat16().float(), w.bfloat16().float() * mask, b.bfloat16().float())
+    torch.testing.assert_close(yb.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_bsl_dense_fallback(monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    n, k, bm, bk, t = 128, 96, 32, 32, 40
+    bitmap = make_bitmap(n // bm, k // bk, 0.5, gen, holes=True)
+    md = meta(bitmap)
+    mask = expand(bitmap, bm, bk)
+    w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    x, gy = torch.randn(t, k, generator=gen), torch.randn(t, n, generator=gen)
+    monkeypatch.setenv("CAPSPARSE_CPU_DENSE_ABOVE", "0")
+    y = cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk)
+    tol_check(y, F.linear(x.double(), w.double() * mask, b.double()), F.linear(x, w * mask, b))
+    out = torch.empty(t, n)
+    cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk, out=out)
+    assert torch.equal(out, y)
+    gx = cpu.bsl_grad_input(gy, w, md["col_ptr"], md["col_rows"], bm, bk)
+    tol_check(gx, gy.double() @ (w.double() * mask), gy @ (w * mask))
+
+
+@pytest.mark.parametrize("bm,bk", [(16, 16), (32, 32), (64, 64), (32, 16), (24, 8)])
+def test_bsl_thread_count_independent(threads, bm, bk):
+    gen = torch.Generator().manual_seed(11)
+    n, k = 384, 256
+    bitmap = make_bitmap(n // bm, k // bk, 0.3, gen, holes=True)
+    bitmap[1] = True  # unbalanced block-rows
+    md = meta(bitmap)
+    w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    results = []
+    for t in (37, 700):
+        x, gy = torch.randn(t, k, generator=gen), torch.randn(t, n, generator=gen)
+        per_threads = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            per_threads.append((cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk),
+                                cpu.bsl_grad_input(gy, w, md["col_ptr"], md["col_rows"], bm, bk),
+                                cpu.bsl_grad_weight(gy, x, md["block_rows"], md["block_cols"], md["nnz"], bm, bk)))
+        results.append(per_threads)
+    for per_threads in results:
+        for other in per_threads[1:]:
+            for a, c in zip(per_threads[0], other):
+                assert torch.equal(a, c)
+
+
+def test_masked_linear_forward():
+    x, w, b = torch.randn(9, 16), torch.randn(8, 16), torch.randn(8)
+    assert torch.equal(cpu.masked_linear_forward(x, w, b), F.linear(x, w, b))
+
+
+# ------------------------------------------------------------------------------------------------
+# CAP contrastive loss
+# ------------------------------------------------------------------------------------------------
+def contrastive_reference(q, k, qid, kid, qlab, klab, excl, tau, normalization):
+    """Direct transcription of docs/design.md with B x K tensors (autograd gives the grads)."""
+    s = q @ k.t() / tau
+    b, nk = s.shape
+    keep = torch.ones(b, nk, dtype=torch.bool)
+    for i in range(b):
+        if excl[i] >= 0:
+            keep[i, excl[i]] = False
+    lse = torch.logsumexp(s.masked_fill(~keep, float("-inf")), dim=1, keepdim=True)
+    logp = s - lse
+
+    def loss(pos):
+        pos = pos & keep
+        cnt = pos.sum(1)
+        row = torch.where(pos, logp, torch.zeros_like(logp)).sum(1)
+        row = torch.where(cnt > 0, row / cnt.clamp(min=1), torch.zeros_like(row))
+        if normalization == "official":
+            z = cnt.sum()
+        else:
+            z = (cnt > 0).sum()
+        return -row.sum() / z if z > 0 else (row * 0).sum()
+
+    lu = loss(qid[:, None] == kid[None, :])
+    ls = loss(qlab[:, None] == klab[None, :]) if qlab is not None and klab is not None else None
+    return lu, ls
+
+
+def contrastive_case(b, nk, d, dtype, gen, labels=True):
+    q = F.normalize(torch.randn(b, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+    k = F.normalize(torch.randn(nk, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+    kid = torch.randint(0, max(nk // 3, 1), (nk,), generator=gen)  # duplicates
+    qid = torch.randint(0, max(nk // 3, 1) + 4, (b,), generator=gen)  # some rows with no positive
+    excl = torch.full((b,), -1, dtype=torch.int64)
+    # a query excluded from its own (only) positive key, and a few random exclusions
+    if b > 2 and nk > 2:
+        qid[0] = 10_000
+        kid[1] = 10_000
+        excl[0] = 1
+        excl[1] = 0
+        excl[2] = nk - 1
+    qlab = torch.randint(0, 3, (b,), generator=gen) if labels else None
+    klab = torch.randint(0, 3, (nk,), generator=gen) if labels else None
+    if labels and b > 3:
+        qlab[3] = 99  # a label nobody has
+    return q, k, qid, kid, qlab, klab, excl
+
+
+@pytest.mark.parametrize("normalization", ["official", "supcon"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b,nk,d,labels", [(8, 20, 16, True), (37, 300, 64, True), (5, 3, 7, False),
+                                           (64, 257, 33, True), (1, 1, 8, True)])
+def test_cap_contrastive_matches_reference(normalization, dtype, b, nk, d, labels):
+    gen = torch.Generator().manual_seed(b * 7 + nk + d)
+    q, k, qid, kid, qlab, klab, excl = contrastive_case(b, nk, d, dtype, gen, labels)
+    tau = 0.07
+    lu, ls, gu, gs = cpu.cap_contrastive(q, k, qid, kid, qlab, klab, excl, tau, normalization)
+    q64 = q.double().requires_grad_(True)
+    ru, rs = contrastive_reference(q64, k.double(), qid, kid, qlab, klab, excl, tau, normalization)
+    (gu_ref,) = torch.autograd.grad(ru, q64, retain_graph=True, allow_unused=True)
+    gu_ref = torch.zeros_like(q64) if gu_ref is None else gu_ref
+    rtol, atol = (1e-10, 1e-10) if dtype == torch.float64 else (2e-4, 2e-5)
+    assert lu.dtype == torch.float32 and lu.dim() == 0
+    assert gu.dtype == dtype and gu.shape == q.shape
+    torch.testing.assert_close(lu.double(), ru.detach(), rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+    torch.testing.assert_close(gu.double(), gu_ref, rtol=rtol, atol=atol * 10)
+    if labels:
+        (gs_ref,) = torch.autograd.grad(rs, q64, allow_unused=True)
+        gs_ref = torch.zeros_like(q64) if gs_ref is None else gs_ref
+        torch.testing.assert_close(ls.double(), rs.detach(), rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+        torch.testing.assert_close(gs.double(), gs_ref, rtol=rtol, atol=atol * 10)
+    else:
+        assert ls is None and gs is None
+
+
+def test_cap_contrastive_no_positive_anywhere():
+    q = F.normalize(torch.randn(4, 8), dim=1)
+    k = F.normalize(torch.randn(6, 8), dim=1)
+    qid, kid = torch.arange(4) + 100, torch.arange(6)
+    excl = torch.full((4,), -1, dtype=torch.int64)
+    for norm in ("official", "supcon"):
+        lu, ls, gu, gs = cpu.cap_contrastive(q, k, qid, kid, None, None, excl, 0.1, norm)
+        assert lu.item() == 0.0 and torch.count_nonzero(gu) == 0 and ls is None and gs is None
+
+
+def test_cap_contrastive_matches_reference_backend():
+    from capsparse.backends import reference
+    gen = torch.Generator().manual_seed(21)
+    q, k, qid, kid, qlab, klab, excl = contrastive_case(16, 64, 32, torch.float64, gen)
+    for norm in ("official", "supcon"):
+        ours = cpu.cap_contrastive(q, k, qid, kid, qlab, klab, excl, 0.2, norm)
+        ref = reference.cap_contrastive(q, k, qid, kid, qlab, klab, excl, 0.2, norm)
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-7)
+
+
+def test_cap_contrastive_thread_count_independent(threads):
+    gen = torch.Generator().manual_seed(4)
+    q, k, qid, kid, qlab, klab, excl = contrastive_case(61, 700, 48, torch.float32, gen)
+    outs = []
+    for nt in (1, 2, 3):
+        torch.set_num_threads(nt)
+        outs.append(cpu.cap_contrastive(q, k, qid, kid, qlab, klab, excl, 0.05, "official"))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_benchmark_tiny_config(tmp_path):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels_cpu.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_cpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--tiny", "--output-dir", str(tmp_path), "--no-plot"])
+    assert rows and all(r["ms"] > 0 for r in rows)
+    assert (tmp_path / "cpu_kernels.csv").exists() and (tmp_path / "cpu_kernels.json").exists()
