@@ -232,13 +232,10 @@ def _apply_config(sub: argparse.ArgumentParser, config: Dict[str, Any], path: st
         if action.choices is not None and value is not None and value not in action.choices:
             raise CLIError(f"--config: option {key!r} in {path!r} = {value!r}: expected one of "
                            f"{list(action.choices)}")
+        if dest == "cap_option" and isinstance(value, dict):  # a mapping is allowed for --cap-option
+            value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
         if isinstance(action, argparse._AppendAction) and value is not None and not isinstance(value, list):
             value = [value]
-        if isinstance(action, argparse._AppendAction) and isinstance(value, list):
-            # config lists for --cap-option may also be given as a mapping
-            pass
-        if dest == "cap_option" and isinstance(value, dict):
-            value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
         defaults[dest] = value
     sub.set_defaults(**defaults)
 

@@ -18,8 +18,9 @@ Only safetensors and JSON are read back (no pickle). :func:`load_compressed` reb
 as the pruned model, and its forward goes through the default backend (the C++ ``cpu`` backend on CPU
 when built).
 
-Structured pruning (heads / FFN neurons) is exported as masks over the element or block layout it
-produced; physically compacted layers are exported dense (they are already small).
+Structured pruning (CAP-f): after ``CAPTrainer.compact()`` the heads / FFN neurons are physically removed;
+the per-layer widths go to ``capsparse.json`` (``structure``) and the compacted linears are stored dense
+(they are already small); :func:`load_compressed` rebuilds the narrower layers.
 """
 from __future__ import annotations
 
@@ -67,6 +68,55 @@ def encoder_sparsity(model: nn.Module) -> Dict[str, Any]:
         total += mask.numel()
         per_layer[name] = 1.0 - k / mask.numel()
     return {"global": (1.0 - kept / total) if total else 0.0, "kept": kept, "total": total, "per_layer": per_layer}
+
+
+def _encoder_layers(model: nn.Module):
+    base = getattr(model, "base_model", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    return list(layers) if layers is not None else []
+
+
+def structure_of(model: nn.Module) -> Optional[list]:
+    """Per encoder layer ``{"heads": n, "intermediate": m}`` when heads/neurons were physically removed
+    (e.g. by CAP-f's compaction), else ``None``."""
+    config = getattr(model, "config", None)
+    layers = _encoder_layers(model)
+    if config is None or not layers:
+        return None
+    out, changed = [], False
+    for layer in layers:
+        try:
+            heads = int(layer.attention.self.num_attention_heads)
+            inter = int(layer.intermediate.dense.out_features)
+        except AttributeError:
+            return None
+        changed |= heads != config.num_attention_heads or inter != config.intermediate_size
+        out.append({"heads": heads, "intermediate": inter})
+    return out if changed else None
+
+
+def _apply_structure(model: nn.Module, structure: list) -> None:
+    """Shrink a freshly built model to the compacted per-layer widths (weights are loaded afterwards)."""
+    layers = _encoder_layers(model)
+    if len(layers) != len(structure):
+        raise ValueError(f"structure: {len(structure)} layers in {META_FILE}, {len(layers)} in the config")
+    for layer, dims in zip(layers, structure):
+        attn = layer.attention.self
+        d_h = attn.attention_head_size
+        width = int(dims["heads"]) * d_h
+        hidden = attn.query.in_features
+        for name in ("query", "key", "value"):
+            old = getattr(attn, name)
+            setattr(attn, name, nn.Linear(hidden, width, bias=old.bias is not None))
+        old = layer.attention.output.dense
+        layer.attention.output.dense = nn.Linear(width, old.out_features, bias=old.bias is not None)
+        attn.num_attention_heads = int(dims["heads"])
+        attn.all_head_size = width
+        inter = int(dims["intermediate"])
+        old = layer.intermediate.dense
+        layer.intermediate.dense = nn.Linear(old.in_features, inter, bias=old.bias is not None)
+        old = layer.output.dense
+        layer.output.dense = nn.Linear(inter, old.out_features, bias=old.bias is not None)
 
 
 def export_compressed(model: nn.Module, path: PathLike, tokenizer=None, extra_metadata: Optional[dict] = None,
@@ -139,12 +189,20 @@ def export_compressed(model: nn.Module, path: PathLike, tokenizer=None, extra_me
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     stats = encoder_sparsity(model)
+    structure = structure_of(model)
+    if structure is not None and stats["total"] == 0:
+        h, full_i = model.config.hidden_size, model.config.intermediate_size
+        d_h = h // model.config.num_attention_heads
+        full = len(structure) * (4 * h * h + 2 * h * full_i)
+        kept = sum(4 * h * d["heads"] * d_h + 2 * h * d["intermediate"] for d in structure)
+        stats = dict(stats, total=full, kept=kept, **{"global": 1.0 - kept / full})
     n_params = sum(p.numel() for p in model.parameters())
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
         "layers": layers,
+        "structure": structure,
         "sparsity": stats["global"],
         "kept_weights": stats["kept"],
         "prunable_weights": stats["total"],
@@ -205,6 +263,8 @@ def load_compressed(path: PathLike, backend: Optional[str] = None, device: Union
     path = Path(path)
     meta = read_metadata(path)
     model = _build_model(path, meta)
+    if meta.get("structure"):
+        _apply_structure(model, meta["structure"])
     layers = meta["layers"]
     for name, info in layers.items():
         linear = model.get_submodule(name)

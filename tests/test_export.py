@@ -103,3 +103,26 @@ def test_dense_model_and_tokenizer(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     assert not is_compressed_dir(tmp_path / "hf")
     transformers.BertTokenizerFast  # noqa: B018 - tokenizer loading is covered by test_cli
+
+
+def test_structured_compacted_round_trip(tmp_path):
+    structured = pytest.importorskip("capsparse.pruning.structured")
+    model = tiny_bert(hidden=64, inter=128)
+    masks = structured.StructuredMasks(model)
+    with torch.no_grad():
+        for i, layer in enumerate(structured.encoder_layers(model)):
+            hm = getattr(layer.attention.output, structured.HEAD_MASK)
+            hm.zero_()
+            hm[: i + 1] = 1
+            nm = getattr(layer.output, structured.NEURON_MASK)
+            nm[::3] = 0
+        ref = model(**inputs()).logits
+    structured.compact_model(model, masks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs()).logits, ref, rtol=1e-4, atol=1e-5)
+    meta = export_compressed(model, tmp_path / "s")
+    assert meta["structure"][0]["heads"] == 1 and meta["structure"][1]["heads"] == 2
+    assert 0.3 < meta["sparsity"] < 0.9
+    loaded = load_compressed(tmp_path / "s")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).logits, ref, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,570 @@
+"""End-to-end flows behind the CLI: finetune, prune, evaluate, export, predict, demo.
+
+Each flow takes a plain options dict (the CLI's parsed flags), writes a run directory (``config.json``,
+``metrics.json``, ``run.log``, PNG plots, model files) and returns its metrics dict. They can be called
+from Python as well, e.g. ``prune({"task": "sst2", "method": "movement", "cap": True, "sparsity": 0.9,
+"teacher": "runs/teacher/model", "output_dir": "runs/capm"})``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .runlog import RunDir, get_logger, machine_info, write_json
+
+log = get_logger("pipeline")
+
+# defaults shared by the CLI and direct calls
+DEFAULTS: Dict[str, Any] = dict(
+    task="sst2", glue_dir=None, model="default", max_length=128, batch_size=32, eval_batch_size=64,
+    max_train_examples=None, max_eval_examples=None, epochs=3.0, max_steps=None, learning_rate=None,
+    warmup_ratio=None, logging_steps=None, eval_during_training=False, seed=42, output_dir=None, threads=None,
+    teacher=None, method=None, cap=None, sparsity=None, block_size=None, recipe="glue-unstructured",
+    cap_options=None, cap_option=None, split="validation", fp16=False,
+)
+
+
+def _opts(options: Optional[Dict[str, Any]], **overrides) -> Dict[str, Any]:
+    out = dict(DEFAULTS)
+    out.update({k: v for k, v in (options or {}).items()})
+    out.update(overrides)
+    if out.get("cap_options") is None and out.get("cap_option"):
+        from .cli import parse_cap_options
+
+        out["cap_options"] = parse_cap_options(out["cap_option"])
+    return out
+
+
+def _default_output_dir(command: str, task: Optional[str]) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{command}-{task or 'model'}-{stamp}")
+
+
+def _task(task):
+    from .data import get_glue_task
+
+    return get_glue_task(task)
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+def load_split(task, tokenizer, split: str, glue_dir=None, max_length: int = 128, max_examples=None, seed: int = 0,
+               cache_dir=None):
+    """Tokenised GLUE split (no padding; a collator pads each batch dynamically)."""
+    from .data import load_glue, tokenize_dataset
+
+    raw = load_glue(task, split, glue_dir=glue_dir, max_examples=max_examples, seed=seed)
+    return tokenize_dataset(raw, tokenizer, task, max_length=max_length, cache_dir=cache_dir)
+
+
+def make_collator(tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+
+
+def make_compute_metrics(task):
+    from .data.metrics import compute_glue_metrics
+
+    def compute(eval_pred):
+        preds, labels = eval_pred.predictions, eval_pred.label_ids
+        if isinstance(preds, tuple):
+            preds = preds[0]
+        return compute_glue_metrics(_task(task).name, preds, labels)
+
+    return compute
+
+
+def evaluate_model(model, tokenizer, dataset, task, batch_size: int = 64, desc: str = "eval") -> Dict[str, Any]:
+    """Metrics of ``model`` on a tokenised dataset (own loop with a tqdm bar; batches sorted by length)."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data.metrics import compute_glue_metrics, main_metric
+
+    t = _task(task)
+    collator = make_collator(tokenizer)
+    lengths = [len(x) for x in dataset["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
+    logits_all = [None] * len(order)
+    model.eval()
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            idx = order[i:i + batch_size].tolist()
+            batch = collator([{c: dataset[j][c] for c in cols} for j in idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch).logits.float().cpu().numpy()
+            for j, row in zip(idx, out):
+                logits_all[j] = row
+    elapsed = time.perf_counter() - start
+    logits = np.stack(logits_all) if logits_all else np.zeros((0, t.num_labels))
+    labels = np.asarray(dataset["labels"])
+    preds = logits.reshape(-1) if t.is_regression else logits.argmax(-1)
+    metrics = compute_glue_metrics(t.name, logits if not t.is_regression else preds, labels)
+    metrics.update(main_metric=main_metric(t.name), num_examples=int(len(labels)), eval_seconds=elapsed,
+                   examples_per_second=len(labels) / elapsed if elapsed > 0 else None)
+    return metrics
+
+
+# -- training arguments ---------------------------------------------------------------------------------------
+
+def training_arguments(o: Dict[str, Any], out: Path, learning_rate: float, n_train: int, remove_unused: bool = True,
+                       eval_strategy: str = "no"):
+    from transformers import TrainingArguments
+
+    steps_per_epoch = max(1, math.ceil(n_train / o["batch_size"]))
+    total = o["max_steps"] or max(1, math.ceil(steps_per_epoch * float(o["epochs"])))
+    logging_steps = o.get("logging_steps") or max(1, total // 20)
+    warmup = int(round((o.get("warmup_ratio") or 0.0) * total))
+    kwargs = dict(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=o["batch_size"],
+        per_device_eval_batch_size=o["eval_batch_size"], learning_rate=learning_rate,
+        num_train_epochs=float(o["epochs"]), max_steps=o["max_steps"] or -1, warmup_steps=warmup,
+        logging_steps=logging_steps, logging_first_step=True, save_strategy="no", report_to=[], seed=o["seed"],
+        data_seed=o["seed"], disable_tqdm=False, remove_unused_columns=remove_unused, dataloader_num_workers=0,
+        eval_strategy=eval_strategy, eval_steps=logging_steps if eval_strategy == "steps" else None,
+    )
+    import torch
+
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True
+    return TrainingArguments(**kwargs), total
+
+
+class _ConsoleLogCallback:
+    """Mirror the Trainer's log dicts into the run log (the tqdm bar shows them on the console)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs:
+                    log.debug("step %s: %s", state.global_step, json.dumps(
+                        {k: (round(v, 5) if isinstance(v, float) else v) for k, v in logs.items()}))
+
+        return _CB()
+
+
+def _save_history(trainer, out: Path, target_sparsity=None) -> List[str]:
+    from .plots import plot_run
+
+    history = list(trainer.state.log_history)
+    write_json(out / "log_history.json", history)
+    return [str(p) for p in plot_run(history, out, target_sparsity=target_sparsity)]
+
+
+def _seed(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+# -- finetune --------------------------------------------------------------------------------------------------
+
+def finetune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
+    """Fine-tune a dense model (a KD teacher, or the dense reference). Saves ``<output_dir>/model``."""
+    from transformers import Trainer
+
+    from .models import load_default
+
+    o = _opts(options, **overrides)
+    t = _task(o["task"])
+    out = Path(o["output_dir"] or _default_output_dir("finetune", t.name))
+    run = RunDir(out, command="finetune")
+    o["output_dir"] = str(out)
+    run.write_config(o)
+    _seed(o["seed"])
+    started = time.perf_counter()
+    model, tokenizer = load_default(t.num_labels, model=o["model"])
+    if t.label_names:
+        model.config.id2label = dict(t.id2label)
+        model.config.label2id = dict(t.label2id)
+    train = load_split(t.name, tokenizer, "train", o["glue_dir"], o["max_length"], o["max_train_examples"], o["seed"])
+    dev = load_split(t.name, tokenizer, "validation", o["glue_dir"], o["max_length"], o["max_eval_examples"], o["seed"])
+    lr = o["learning_rate"] or 5e-5
+    args, total = training_arguments(o, out, lr, len(train),
+                                     eval_strategy="steps" if o["eval_during_training"] else "no")
+    log.info("finetune %s: %d train / %d dev examples, %d steps, lr %g, batch %d, max_length %d", t.name, len(train),
+             len(dev), total, lr, o["batch_size"], o["max_length"])
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev if o["eval_during_training"] else None,
+                      processing_class=tokenizer, data_collator=make_collator(tokenizer),
+                      compute_metrics=make_compute_metrics(t.name), callbacks=[_ConsoleLogCallback()])
+    train_out = trainer.train()
+    train_seconds = time.perf_counter() - started
+    metrics = evaluate_model(model, tokenizer, dev, t.name, o["eval_batch_size"], desc="eval dev")
+    model_dir = out / "model"
+    trainer.model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    plots = _save_history(trainer, out)
+    result = run.update_metrics(command="finetune", task=t.name, eval=metrics, train_loss=train_out.training_loss,
+                                train_steps=trainer.state.global_step, train_examples=len(train),
+                                train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
+                                model_dir=str(model_dir), plots=plots)
+    log.info("finetune done: %s %s = %.4f (dev, %d examples), model in %s, %.0f s", t.name, metrics["main_metric"],
+             metrics[metrics["main_metric"]], metrics["num_examples"], model_dir, time.perf_counter() - started)
+    return result
+
+
+def finetune_from_args(options: Dict[str, Any]) -> Dict[str, Any]:
+    return finetune(options)
+
+
+# -- prune -------------------------------------------------------------------------------------------------------
+
+def build_cap_config(o: Dict[str, Any], has_teacher: bool):
+    """CAPConfig from the recipe, then the explicit flags, then ``--cap-option`` values."""
+    from .cap.config import CAPConfig
+
+    cfg = CAPConfig.recipe(o["recipe"])
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    updates: Dict[str, Any] = {}
+    if o.get("method") is not None:
+        updates["method"] = o["method"]
+    if o.get("cap") is not None:
+        updates["use_cap"] = bool(o["cap"])
+    if o.get("sparsity") is not None:
+        updates["target_sparsity"] = float(o["sparsity"])
+    if o.get("block_size") is not None:
+        updates["block_size"] = int(o["block_size"])
+    for key, value in (o.get("cap_options") or {}).items():
+        if key not in fields:
+            raise ValueError(f"--cap-option: unknown CAPConfig field {key!r}; known fields: {', '.join(sorted(fields))}")
+        updates[key] = value
+    unknown = [k for k in updates if k not in fields]
+    if unknown:
+        raise ValueError(f"CAPConfig has no field(s) {unknown}; known fields: {', '.join(sorted(fields))}")
+    try:
+        cfg = dataclasses.replace(cfg, **updates)
+    except TypeError as exc:
+        raise ValueError(f"--cap-option: {exc}") from None
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+# Official GLUE run: w = 11000 steps of 113,710 (QQP, 10 epochs), i.e. about 0.1 of training.
+SHORT_BUDGET_FRACTION = 0.1
+
+
+def fit_schedule(cfg, total_steps: int, explicit: Dict[str, Any]):
+    """Scale the cubic schedule to short budgets: when the recipe's unit in steps leaves no room to prune
+    (``(i_w + f_w) * w >= total_steps``) and no schedule field was set explicitly, express ``w`` as
+    the official fraction of training (0.1: dense warm-up 20%, pruning 50%, fixed masks 30% for GLUE)."""
+    if getattr(cfg, "structured", False) or not hasattr(cfg, "schedule_unit"):
+        return cfg
+    if any(k in explicit for k in ("schedule_warmup", "schedule_unit", "initial_warmup", "final_warmup")):
+        return cfg
+    if cfg.schedule_unit == "steps" and (cfg.initial_warmup + cfg.final_warmup) * cfg.schedule_warmup >= total_steps:
+        log.info("schedule: the recipe's %g-step unit does not fit %d steps; using %.2f of training as the unit "
+                 "(same proportions as the official runs)", cfg.schedule_warmup, total_steps, SHORT_BUDGET_FRACTION)
+        cfg = dataclasses.replace(cfg, schedule_unit="fraction", schedule_warmup=SHORT_BUDGET_FRACTION)
+    return cfg
+
+
+def _load_teacher(path, num_labels: int):
+    from .export import load_any
+
+    teacher, _ = load_any(path)
+    got = getattr(teacher.config, "num_labels", None)
+    if got != num_labels:
+        raise ValueError(f"--teacher: {path!r} has {got} labels, expected {num_labels} for the task")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
+    """Fine-prune a model with CAPTrainer (CAP or a plain baseline); saves ``<output_dir>/compressed``."""
+    from .cap.trainer import CAPTrainer
+    from .export import export_compressed, is_compressed_dir
+    from .models import load_default
+
+    o = _opts(options, **overrides)
+    t = _task(o["task"])
+    if o["model"] not in (None, "default") and is_compressed_dir(o["model"]):
+        raise ValueError(f"--model: {o['model']!r} is a compressed export; prune starts from a dense transformers "
+                         f"model directory")
+    cap_config = build_cap_config(o, has_teacher=o["teacher"] is not None)
+    label = method_label(cap_config)
+    out = Path(o["output_dir"] or _default_output_dir(f"prune-{label}", t.name))
+    run = RunDir(out, command="prune")
+    o["output_dir"] = str(out)
+    run.write_config(o, cap_config=cap_config.to_dict())
+    _seed(o["seed"])
+    started = time.perf_counter()
+    model, tokenizer = load_default(t.num_labels, model=o["model"])
+    if t.label_names:
+        model.config.id2label = dict(t.id2label)
+        model.config.label2id = dict(t.label2id)
+    teacher = _load_teacher(o["teacher"], t.num_labels) if o["teacher"] else None
+    if teacher is None and (cap_config.w_kd > 0 or "fic" in cap_config.active_banks):
+        log.warning("no --teacher: CAPTrainer first fine-tunes a dense copy for teacher_epochs=%g epochs (set "
+                    "--teacher to reuse one, or --cap-option w_kd=0 with --no-cap for no teacher)",
+                    cap_config.teacher_epochs)
+    train = load_split(t.name, tokenizer, "train", o["glue_dir"], o["max_length"], o["max_train_examples"], o["seed"])
+    dev = load_split(t.name, tokenizer, "validation", o["glue_dir"], o["max_length"], o["max_eval_examples"], o["seed"])
+    lr = o["learning_rate"] or 3e-5
+    if o.get("warmup_ratio") is None and not getattr(cap_config, "structured", False):
+        o["warmup_ratio"] = SHORT_BUDGET_FRACTION  # the official LR warm-up is the schedule unit w
+    args, total = training_arguments(o, out, lr, len(train), remove_unused=False,
+                                     eval_strategy="steps" if o["eval_during_training"] else "no")
+    cap_config = fit_schedule(cap_config, total, o.get("cap_options") or {})
+    write_json(out / "cap_config.json", cap_config.to_dict())
+    log.info("prune %s with %s (target sparsity %.3f): %d train / %d dev examples, %d steps, lr %g, batch %d, "
+             "max_length %d, teacher %s", t.name, label, getattr(cap_config, "target_sparsity", float("nan")),
+             len(train), len(dev), total, lr, o["batch_size"], o["max_length"], o["teacher"])
+    trainer = CAPTrainer(model=model, args=args, cap_config=cap_config, train_dataset=train,
+                         eval_dataset=dev if o["eval_during_training"] else None, teacher=teacher,
+                         processing_class=tokenizer, data_collator=make_collator(tokenizer),
+                         compute_metrics=make_compute_metrics(t.name), callbacks=[_ConsoleLogCallback()])
+    train_out = trainer.train()
+    train_seconds = time.perf_counter() - started
+    model = trainer.model
+    report = trainer.sparsity_report()
+    compacted = None
+    if getattr(cap_config, "structured", False):
+        compacted = trainer.compact()
+    trainer.finalize()  # drop score parameters and hooks: plain SparseLinear layers with their masks remain
+    metrics = evaluate_model(model, tokenizer, dev, t.name, o["eval_batch_size"], desc="eval dev")
+    export_dir = out / "compressed"
+    meta = export_compressed(model, export_dir, tokenizer=tokenizer,
+                             extra_metadata={"task": t.name, "method": label, "cap_config": cap_config.to_dict(),
+                                             "eval": metrics})
+    plots = _save_history(trainer, out, target_sparsity=getattr(cap_config, "target_sparsity", None))
+    result = run.update_metrics(
+        command="prune", task=t.name, method=label, use_cap=bool(getattr(cap_config, "use_cap", False)),
+        target_sparsity=getattr(cap_config, "target_sparsity", None), sparsity=report.get("global"),
+        sparsity_report=report, eval=metrics, train_loss=train_out.training_loss, train_steps=trainer.state.global_step,
+        train_examples=len(train), train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
+        export_dir=str(export_dir), export_bytes=meta["file_bytes"], dense_bytes=meta["dense_bytes"], plots=plots,
+        teacher=o["teacher"], compacted=compacted)
+    log.info("prune done: %s at sparsity %.4f: %s %s = %.4f; export %s (%.1f MB, dense %.1f MB); %.0f s", label,
+             report.get("global", float("nan")), t.name, metrics["main_metric"], metrics[metrics["main_metric"]],
+             export_dir, meta["file_bytes"] / 1e6, meta["dense_bytes"] / 1e6, time.perf_counter() - started)
+    return result
+
+
+def method_label(cap_config) -> str:
+    """``CAP-m``, ``movement``, ``CAP-soft``, ``CAP-block``, ``CAP-f``... from a CAPConfig."""
+    method = getattr(cap_config, "method", "movement")
+    cap = bool(getattr(cap_config, "use_cap", False))
+    if not cap:
+        return method
+    return {"movement": "CAP-m", "soft-movement": "CAP-soft", "block-movement": "CAP-block",
+            "first-order": "CAP-f", "magnitude": "CAP-magnitude"}.get(method, f"CAP-{method}")
+
+
+def prune_from_args(options: Dict[str, Any]) -> Dict[str, Any]:
+    return prune(options)
+
+
+# -- evaluate / export / predict -------------------------------------------------------------------------------------
+
+def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
+    """Evaluate a transformers directory or a compressed export on a GLUE split."""
+    from .export import encoder_sparsity, load_any
+
+    o = _opts(options, **overrides)
+    t = _task(o["task"])
+    model, tokenizer = load_any(o["model"])
+    if getattr(model.config, "num_labels", t.num_labels) != t.num_labels:
+        raise ValueError(f"--model: {o['model']!r} has {model.config.num_labels} labels, expected {t.num_labels} "
+                         f"for --task {t.name}")
+    run = RunDir(o["output_dir"], command="eval") if o["output_dir"] else None
+    if run:
+        run.write_config(o)
+    data = load_split(t.name, tokenizer, o["split"], o["glue_dir"], o["max_length"], o["max_eval_examples"], o["seed"])
+    metrics = evaluate_model(model, tokenizer, data, t.name, o["eval_batch_size"], desc=f"eval {o['split']}")
+    sp = encoder_sparsity(model)
+    metrics["sparsity"] = sp["global"] if sp["total"] else 0.0
+    line = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "eval_seconds")
+    print(f"{t.name} {o['split']} ({metrics['num_examples']} examples): {line}")
+    if run:
+        run.update_metrics(command="eval", task=t.name, split=o["split"], model=o["model"], eval=metrics)
+    return metrics
+
+
+def evaluate_from_args(options: Dict[str, Any]) -> Dict[str, Any]:
+    return evaluate(options)
+
+
+def export(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
+    """Re-export a compressed export, or export a transformers directory whose pruned weights are zeros."""
+    import torch
+
+    from .export import export_compressed, is_compressed_dir, load_compressed
+    from .surgery import sparse_layers, sparsify
+
+    o = _opts(options, **overrides)
+    src = o["model"]
+    out = Path(o["output_dir"] or _default_output_dir("export", None))
+    if is_compressed_dir(src):
+        model, tokenizer = load_compressed(src, return_tokenizer=True)
+    else:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(src)
+        sparsify(model, block_size=o.get("block_size"))
+        with torch.no_grad():
+            for _, mod in sparse_layers(model):
+                nz = mod.weight != 0
+                if mod.block_size is None:
+                    mod.set_mask(nz)
+                else:
+                    bm, bk = mod.block_size
+                    n, k = nz.shape
+                    mod.set_mask(nz.reshape(n // bm, bm, k // bk, bk).any(3).any(1))
+    meta = export_compressed(model, out, tokenizer=tokenizer, values_dtype=torch.float16 if o.get("fp16") else None,
+                             extra_metadata={"source": str(src)})
+    print(f"exported {src} -> {out}: sparsity {meta['sparsity']:.4f}, {meta['file_bytes'] / 1e6:.2f} MB "
+          f"(dense fp32 {meta['dense_bytes'] / 1e6:.2f} MB)")
+    return meta
+
+
+def export_from_args(options: Dict[str, Any]) -> Dict[str, Any]:
+    return export(options)
+
+
+def predict(options: Optional[Dict[str, Any]] = None, **overrides) -> List[Dict[str, Any]]:
+    import sys
+
+    import torch
+
+    from .export import load_any
+
+    o = _opts(options, **overrides)
+    model, tokenizer = load_any(o["model"])
+    texts = list(o.get("text") or [])
+    if o.get("input"):
+        stream = sys.stdin if o["input"] == "-" else open(o["input"], encoding="utf-8")
+        with stream:
+            texts += [line.rstrip("\n") for line in stream if line.strip()]
+    id2label = dict(getattr(model.config, "id2label", {}) or {})
+    if o.get("task"):
+        t = _task(o["task"])
+        if t.label_names:
+            id2label = dict(t.id2label)
+    results = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), o["batch_size"]):
+            chunk = texts[i:i + o["batch_size"]]
+            pairs = [s.split(" ||| ", 1) for s in chunk]
+            if all(len(p) == 2 for p in pairs):
+                enc = tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True,
+                                max_length=o["max_length"], padding=True, return_tensors="pt")
+            else:
+                enc = tokenizer(chunk, truncation=True, max_length=o["max_length"], padding=True, return_tensors="pt")
+            logits = model(**enc).logits.float()
+            if logits.shape[-1] == 1:
+                for s, v in zip(chunk, logits[:, 0].tolist()):
+                    results.append({"text": s, "score": v})
+                continue
+            probs = logits.softmax(-1)
+            for s, p in zip(chunk, probs):
+                k = int(p.argmax())
+                label = id2label.get(k, id2label.get(str(k), str(k)))
+                results.append({"text": s, "label": label, "label_id": k,
+                                "probabilities": [round(float(x), 4) for x in p]})
+    for r in results:
+        if o.get("json"):
+            print(json.dumps(r))
+        elif "score" in r:
+            print(f"{r['score']:.4f}\t{r['text']}")
+        else:
+            print(f"{r['label']}\t{max(r['probabilities']):.3f}\t{r['text']}")
+    return results
+
+
+def predict_from_args(options: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return predict(options)
+
+
+# -- demo ----------------------------------------------------------------------------------------------------------
+
+FULL_RECIPE_HINT = """\
+Full-size recipe (BERT-base, GPU; the paper's settings, cap-method.md section 4):
+  capsparse finetune --model bert-base-uncased --task mnli --epochs 3 --max-length 128 --output-dir runs/mnli-teacher
+  capsparse prune --model bert-base-uncased --teacher runs/mnli-teacher/model --task mnli --recipe glue-unstructured \\
+      --method movement --cap --sparsity 0.97 --epochs 10 --batch-size 32 --max-length 128 --output-dir runs/mnli-capm-97
+(needs the MNLI files in --glue-dir; paper target: CAP at 97% keeps 96.3% of BERT-base on MNLI, about 80-81 m-acc)"""
+
+
+def _fmt_mb(n) -> str:
+    return f"{n / 1e6:.1f} MB" if n is not None else "-"
+
+
+def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
+    """Teacher -> CAP-m and movement at the same budget -> eval, export, table. See ``capsparse demo --help``."""
+    o = _opts(options, **overrides)
+    quick = bool(o.get("quick"))
+    out = Path(o["output_dir"] or "runs/demo")
+    run = RunDir(out, command="demo")
+    n_train = o.get("train_examples") or (256 if quick else 2000)
+    teacher_steps = o.get("teacher_steps") or (8 if quick else 60)
+    prune_steps = o.get("prune_steps") or (12 if quick else 150)
+    n_eval = o.get("max_eval_examples") or (128 if quick else None)
+    lr = o.get("learning_rate") or 5e-5
+    o.update(output_dir=str(out), train_examples=n_train, teacher_steps=teacher_steps, prune_steps=prune_steps)
+    run.write_config(o)
+    started = time.perf_counter()
+    common = dict(task="sst2", glue_dir=o["glue_dir"], model=o["model"], max_length=o["max_length"],
+                  batch_size=o["batch_size"], eval_batch_size=o["eval_batch_size"], max_train_examples=n_train,
+                  max_eval_examples=n_eval, seed=o["seed"], logging_steps=max(1, min(teacher_steps, prune_steps) // 15))
+    log.info("demo: SST-2, %d train examples, max_length %d, teacher %d steps, pruning %d steps per method, "
+             "sparsity %.2f", n_train, o["max_length"], teacher_steps, prune_steps, o["sparsity"])
+    t0 = time.perf_counter()
+    teacher = finetune(common, output_dir=str(out / "teacher"), max_steps=teacher_steps, learning_rate=lr)
+    teacher_wall = time.perf_counter() - t0
+    rows = [dict(method="dense teacher", sparsity=0.0, accuracy=teacher["eval"]["accuracy"],
+                 bytes=None, wall=teacher_wall)]
+    # the teacher as a compressed (dense) export, for the size column
+    from .export import export_compressed, load_any
+
+    tmodel, ttok = load_any(teacher["model_dir"])
+    tmeta = export_compressed(tmodel, out / "teacher" / "compressed", tokenizer=ttok)
+    rows[0]["bytes"] = tmeta["file_bytes"]
+    results = {"teacher": teacher}
+    for label, cap in (("CAP-m", True), ("movement", False)):
+        run_dir = out / ("cap-m" if cap else "movement")
+        t0 = time.perf_counter()
+        res = prune(common, output_dir=str(run_dir), teacher=teacher["model_dir"], method="movement", cap=cap,
+                    sparsity=o["sparsity"], max_steps=prune_steps, learning_rate=lr, recipe="glue-unstructured",
+                    cap_options=o.get("cap_options"))
+        rows.append(dict(method=label, sparsity=res["sparsity"], accuracy=res["eval"]["accuracy"],
+                         bytes=res["export_bytes"], wall=time.perf_counter() - t0))
+        results[label] = res
+    total = time.perf_counter() - started
+    lines = ["| method | sparsity | SST-2 dev acc | file size | wall time |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['sparsity']:.1f}% | {100 * r['accuracy']:.2f} | {_fmt_mb(r['bytes'])} "
+                     f"| {r['wall']:.0f} s |")
+    table = "\n".join(lines)
+    (out / "demo_table.md").write_text(table + "\n")
+    run.update_metrics(command="demo", rows=rows, wall_seconds=total, quick=quick, machine=machine_info(),
+                       budget=dict(train_examples=n_train, teacher_steps=teacher_steps, prune_steps=prune_steps,
+                                   max_length=o["max_length"], batch_size=o["batch_size"], eval_examples=n_eval))
+    print()
+    print(table)
+    print(f"\ndemo wall time: {total / 60:.1f} min; runs in {out}/ (config.json, metrics.json, run.log, PNG plots, "
+          f"compressed exports)")
+    if quick:
+        print("(--quick: a smoke run, the numbers are not meaningful)")
+    print("\n" + FULL_RECIPE_HINT)
+    return {"rows": rows, "wall_seconds": total, "results": results}
+
+
+def demo_from_args(options: Dict[str, Any]) -> Dict[str, Any]:
+    return demo(options)

@@ -1,0 +1,121 @@
+"""End-to-end: a tiny random BERT (default tokenizer) through `capsparse finetune / prune / eval / predict / export`.
+
+A few hundred SST-2 examples, a few steps: checks the plumbing and the run directory, not accuracy.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from capsparse import cli  # noqa: E402
+from capsparse.data import resolve_glue_dir  # noqa: E402
+
+GLUE = resolve_glue_dir()
+needs_glue = pytest.mark.skipif(GLUE is None or not (Path(GLUE) / "SST-2" / "train.tsv").is_file(),
+                                reason="SST-2 not found in the local GLUE directory")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from capsparse.models import default_model_path
+
+    path = tmp_path_factory.mktemp("tiny")
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_path())
+    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=128,
+                                     num_labels=2)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+COMMON = ["--task", "sst2", "--max-length", "32", "--batch-size", "16", "--eval-batch-size", "64",
+          "--max-train-examples", "96", "--max-eval-examples", "64", "--seed", "1"]
+
+
+@needs_glue
+def test_finetune_prune_eval_predict_export(tiny_model_dir, tmp_path, capsys):
+    teacher_dir = tmp_path / "teacher"
+    assert cli.main(["finetune", "--model", str(tiny_model_dir), "--max-steps", "3", "--output-dir", str(teacher_dir),
+                     *COMMON]) == 0
+    for f in ("config.json", "metrics.json", "run.log", "losses.png", "model/config.json"):
+        assert (teacher_dir / f).is_file(), f
+
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text("method: movement\nsparsity: 0.5\nmax_steps: 8\ncap_option:\n  n_extra_keys: 16\n")
+    run = tmp_path / "capm"
+    code = cli.main(["prune", "--config", str(cfg), "--model", str(tiny_model_dir), "--teacher",
+                     str(teacher_dir / "model"), "--cap", "--output-dir", str(run), "--logging-steps", "2", *COMMON])
+    assert code == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert config["options"]["sparsity"] == 0.5 and config["cap_config"]["use_cap"] is True
+    assert metrics["method"] == "CAP-m" and metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert 0.0 <= metrics["eval"]["accuracy"] <= 1.0 and metrics["eval"]["num_examples"] == 64
+    assert (run / "sparsity.png").is_file() and (run / "losses.png").is_file() and (run / "run.log").is_file()
+    history = json.loads((run / "log_history.json").read_text())
+    assert any("sparsity" in h for h in history)
+    export_dir = run / "compressed"
+    assert (export_dir / "capsparse.json").is_file() and metrics["export_bytes"] < metrics["dense_bytes"]
+
+    # the export evaluates to the same accuracy as the run reported
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(export_dir), "--output-dir", str(tmp_path / "ev"), *COMMON[:8],
+                     "--max-eval-examples", "64", "--seed", "1"]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())["eval"]
+    assert ev["accuracy"] == pytest.approx(metrics["eval"]["accuracy"])
+    assert ev["sparsity"] == pytest.approx(metrics["sparsity"], abs=1e-6)
+
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(export_dir), "--text", "a great movie", "--text", "awful", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 2 and {"label", "probabilities"} <= set(lines[0])
+
+    # re-export in fp16: smaller still, same masks
+    assert cli.main(["export", "--model", str(export_dir), "--fp16", "--output-dir", str(tmp_path / "fp16")]) == 0
+    meta16 = json.loads((tmp_path / "fp16" / "capsparse.json").read_text())
+    assert meta16["file_bytes"] < metrics["export_bytes"]
+    assert meta16["sparsity"] == pytest.approx(metrics["sparsity"])
+
+
+@needs_glue
+def test_prune_block_movement_no_cap(tiny_model_dir, tmp_path):
+    run = tmp_path / "block"
+    code = cli.main(["prune", "--model", str(tiny_model_dir), "--method", "block-movement", "--block-size", "32",
+                     "--no-cap", "--sparsity", "0.5", "--max-steps", "6", "--cap-option", "w_kd=0",
+                     "--output-dir", str(run), *COMMON])
+    assert code == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "block-movement" and metrics["use_cap"] is False
+    meta = json.loads((run / "compressed" / "capsparse.json").read_text())
+    assert {v["kind"] for v in meta["layers"].values()} == {"block"}
+    from capsparse.export import load_compressed
+
+    model = load_compressed(run / "compressed")
+    assert all(m.block_size == (32, 32) for n, m in model.named_modules() if type(m).__name__ == "SparseLinear")
+
+
+def test_export_from_zeros(tiny_model_dir, tmp_path):
+    """`capsparse export` on a transformers directory takes the masks from the non-zero weights."""
+    from capsparse.export import load_compressed
+
+    model = transformers.BertForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            w = layer.intermediate.dense.weight
+            w[w.abs() < w.abs().median()] = 0
+    src = tmp_path / "zeros"
+    model.save_pretrained(src)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(src)
+    assert cli.main(["export", "--model", str(src), "--output-dir", str(tmp_path / "out")]) == 0
+    loaded = load_compressed(tmp_path / "out")
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-6)
+    meta = json.loads((tmp_path / "out" / "capsparse.json").read_text())
+    assert 0.05 < meta["sparsity"] < 0.5
