@@ -219,12 +219,12 @@ def _run_bsl(T, N, K, bm, bk, density, dtype, seed=0, empty_row=False, empty_col
     g = torch.Generator().manual_seed(seed)
     bitmap = _bitmap(N // bm, K // bk, density, seed, empty_row, empty_col)
     meta = md.build_block_metadata(bitmap.to(DEVICE))
-    x = torch.randn(T, K, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g).to(dtype)
-    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
-    dy = torch.randn(T, N, generator=g).to(dtype)
-    ref, same = _bsl_refs(x, w, bias, dy, bitmap, bm, bk, dtype)
-    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    x = torch.randn(T, K, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(N, K, generator=g).to(dtype).to(DEVICE)
+    bias = torch.randn(N, generator=g).to(dtype).to(DEVICE) if with_bias else None
+    dy = torch.randn(T, N, generator=g).to(dtype).to(DEVICE)
+    ref, same = _bsl_refs(x, w, bias, dy, bitmap.to(DEVICE), bm, bk, dtype)  # references on the same device
+    dev = lambda t: t  # noqa: E731
     got = dict(
         y=bs.bsl_forward(dev(x), dev(w), dev(bias), meta.row_ptr, meta.row_cols, bm, bk),
         dx=bs.bsl_grad_input(dev(dy), dev(w), meta.col_ptr, meta.col_rows, bm, bk),
