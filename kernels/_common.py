@@ -11,6 +11,7 @@ import os
 from typing import Dict, Optional, Tuple
 
 import torch
+import triton
 import triton.language as tl
 
 SUPPORTED_BLOCKS = (16, 32, 64, 128)  # 32/64/128 are the targets; 16 works (tl.dot minimum)
@@ -58,10 +59,6 @@ def check_device_usable(name: str, t: torch.Tensor) -> None:
 def check_block(name: str, value: int) -> None:
     if value not in SUPPORTED_BLOCKS:
         raise ValueError(f"{name}: expected a block size in {SUPPORTED_BLOCKS}, got {value}")
-
-
-def tl_dtype(dtype: torch.dtype):
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
 def dot_flags(dtype: torch.dtype) -> Dict[str, object]:
@@ -144,8 +141,6 @@ def get_config(op: str, block: int, device: torch.device, density: Optional[floa
 # ---------------------------------------------------------------------------------------------
 # device-side helpers
 # ---------------------------------------------------------------------------------------------
-
-import triton  # noqa: E402
 
 
 @triton.jit

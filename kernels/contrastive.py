@@ -40,8 +40,6 @@ from ._common import check_device_usable, check_tensor, dot_flags, interpreting
 __all__ = ["cap_contrastive_stats", "cap_contrastive", "cap_contrastive_loss", "clip_loss", "supcon_loss",
            "CapContrastiveFunction"]
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _NORMALIZATIONS = ("official", "supcon")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 

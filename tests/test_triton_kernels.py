@@ -574,7 +574,8 @@ def test_clip_loss_matches_cross_entropy():
     a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
     logits = a64 @ b64.t() / 0.07
     target = torch.arange(23)
-    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.t(), target))
+    ce = torch.nn.functional.cross_entropy
+    ref = 0.5 * (ce(logits, target) + ce(logits.t(), target))
     ref.backward()
     ag, bg = a.to(DEVICE).requires_grad_(), b.to(DEVICE).requires_grad_()
     loss = cc.clip_loss(ag, bg, temperature=0.07)
