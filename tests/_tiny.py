@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+torch.set_num_threads(1)  # 2 shared cores: oversubscription makes tiny ops slow
+
 
 def tiny_config(hidden=32, layers=2, heads=4, intermediate=64, num_labels=2, vocab=100, dropout=0.1, **kwargs):
     from transformers import BertConfig
@@ -24,9 +26,9 @@ def tiny_dataset(n=32, seq=16, num_labels=2, vocab=100, seed=0, with_idx=True, r
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(10, vocab, (n, seq), generator=g)
     labels = torch.randint(0, num_labels, (n,), generator=g)
-    for i in range(n):  # plant the signal
+    for i in range(n):  # plant the signal: label c > 0 fills positions 1..8 with token 6 + c
         if labels[i] > 0:
-            ids[i, 1 + int(labels[i])] = 7
+            ids[i, 1:9] = 6 + int(labels[i])
     ids[:, 0] = 1  # [CLS]
     data = {"input_ids": ids.tolist(), "attention_mask": torch.ones(n, seq, dtype=torch.long).tolist(),
             "token_type_ids": torch.zeros(n, seq, dtype=torch.long).tolist()}

@@ -1,0 +1,194 @@
+"""Pruning criteria: targets reached, straight-through score gradients, the cubic schedule."""
+import pytest
+import torch
+from torch import nn
+
+import _tiny  # noqa: F401  (sets 1 thread)
+from capsparse.layout import kept_count_for_density
+from capsparse.nn import SparseLinear
+from capsparse.pruning import (SCORE_ATTR, CubicSchedule, MagnitudePruner, MovementPruner, SoftMovementPruner,
+                               build_pruner, cubic_threshold)
+
+
+class TwoLinear(nn.Module):
+    def __init__(self, block_size=None, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = SparseLinear(32, 64, block_size=block_size)
+        self.b = SparseLinear(64, 32, block_size=block_size)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+# -- schedule ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("step,expected", [(0, 1.0), (20, 1.0), (21, 0.1 + 0.9 * 0.98 ** 3), (45, 0.2125),
+                                           (70, 0.1), (71, 0.1), (100, 0.1)])
+def test_cubic_schedule_hand_computed(step, expected):
+    # T=100, w=10, i_w=2, f_w=3: pruning from step 20 to 70
+    tau, _ = cubic_threshold(step, 100, 10, 1.0, 0.1, 2, 3)
+    assert tau == pytest.approx(expected, abs=1e-12)
+
+
+def test_cubic_schedule_soft_lambda_and_units():
+    tau, lam = cubic_threshold(45, 100, 10, 0.0, 0.1, 2, 3, final_lambda=190.0)
+    assert tau == pytest.approx(0.0875) and lam == pytest.approx(166.25)
+    by_epochs = CubicSchedule.resolve(100, 0.5, "epochs", steps_per_epoch=20, initial_threshold=1.0,
+                                      final_threshold=0.1, initial_warmup=2, final_warmup=3)
+    by_fraction = CubicSchedule.resolve(100, 0.1, "fraction", initial_threshold=1.0, final_threshold=0.1,
+                                        initial_warmup=2, final_warmup=3)
+    for s in (0, 21, 45, 70, 90):
+        assert by_epochs(s) == by_fraction(s) == cubic_threshold(s, 100, 10, 1.0, 0.1, 2, 3)
+
+
+def test_cubic_schedule_empty_window_is_an_error():
+    with pytest.raises(ValueError, match="pruning window is empty"):
+        CubicSchedule.resolve(30, 11000, "steps", initial_threshold=1.0, final_threshold=0.1).validate()
+    with pytest.raises(ValueError, match="schedule unit"):
+        CubicSchedule.resolve(30, 1, "minutes", initial_threshold=1.0, final_threshold=0.1)
+
+
+# -- targets reached --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,block", [("magnitude", None), ("movement", None), ("block-movement", 16),
+                                          ("magnitude", 16)])
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.03])
+def test_topk_pruners_reach_exact_counts(method, block, density):
+    model = TwoLinear(block_size=block)
+    pruner = build_pruner(method, model)
+    if pruner.score_parameters():
+        with torch.no_grad():
+            for p in pruner.score_parameters():
+                p.normal_()
+    pruner.update(density)
+    for _, layer in pruner.layers:
+        source = layer.mask if block is None else layer.block_mask
+        assert int(source.sum()) == kept_count_for_density(source.numel(), density)
+    assert pruner.num_updates == 1
+
+
+def test_magnitude_keeps_largest_and_global_scope():
+    model = TwoLinear()
+    MagnitudePruner(model).update(0.25)
+    w, m = model.a.weight.detach().abs(), model.a.mask
+    assert w[m].min() >= w[~m].max()
+    model = TwoLinear()
+    with torch.no_grad():
+        model.b.weight.copy_(model.b.weight.abs() + 10.0)  # global top-k takes all of b first
+    pruner = MagnitudePruner(model, scope="global")
+    pruner.update(0.5)
+    total = model.a.weight.numel() + model.b.weight.numel()
+    assert int(model.a.mask.sum()) + int(model.b.mask.sum()) == kept_count_for_density(total, 0.5)
+    assert bool(model.b.mask.all()) and int(model.a.mask.sum()) == total // 2 - model.b.weight.numel()
+
+
+def test_movement_masks_follow_scores_and_remove():
+    model = TwoLinear()
+    pruner = MovementPruner(model)
+    with torch.no_grad():
+        model.a.movement_scores.copy_(torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32))
+    pruner.update(0.25)
+    assert bool(model.a.mask.reshape(-1)[-512:].all()) and not bool(model.a.mask.reshape(-1)[:-512].any())
+    assert len(pruner.score_parameters()) == 2 and all(float(p.abs().sum()) >= 0 for p in pruner.score_parameters())
+    pruner.remove()
+    assert not hasattr(model.a, SCORE_ATTR) and not model.a._forward_hooks
+
+
+def test_scores_start_at_zero_and_forward_does_not_update_masks():
+    model = TwoLinear()
+    pruner = MovementPruner(model)
+    assert all(float(p.abs().sum()) == 0 for p in pruner.score_parameters())
+    pruner.update(0.5)
+    before = model.a.mask.clone()
+    with torch.no_grad():
+        model.a.movement_scores.normal_()
+    model(torch.randn(4, 32)).sum().backward()
+    assert torch.equal(model.a.mask, before) and pruner.num_updates == 1
+
+
+# -- straight-through score gradient ----------------------------------------------------------------------
+def _reference_grad_wprime(layer: SparseLinear, x, grad_out):
+    wp = (layer.weight.detach() * layer.element_mask()).requires_grad_(True)
+    y = torch.nn.functional.linear(x, wp, layer.bias.detach())
+    y.backward(grad_out)
+    return wp.grad
+
+
+@pytest.mark.parametrize("block,mode", [(None, "exact"), (16, "exact"), (16, "fast")])
+def test_straight_through_score_gradient(block, mode):
+    torch.manual_seed(0)
+    layer = SparseLinear(32, 48, block_size=block)
+    pruner = MovementPruner(nn.Sequential(layer), block_score_mode=mode)
+    with torch.no_grad():
+        layer.movement_scores.normal_()
+    pruner.update(0.5)
+    x = torch.randn(3, 5, 32)
+    g = torch.randn(3, 5, 48)
+    layer(x).backward(g)
+    expected = _reference_grad_wprime(layer, x, g) * layer.weight.detach()
+    if block is not None:
+        expected = expected.reshape(48 // 16, 16, 32 // 16, 16).sum(dim=(1, 3))
+        if mode == "fast":
+            expected = expected * layer.block_mask
+    torch.testing.assert_close(layer.movement_scores.grad, expected, rtol=1e-5, atol=1e-5)
+    # the pruned weights get no weight gradient, the scores of pruned entries do (exact mode)
+    assert float(layer.weight.grad[~layer.element_mask()].abs().sum()) == 0
+    if mode == "exact":
+        pruned = ~(layer.mask if block is None else layer.block_mask)
+        assert float(layer.movement_scores.grad[pruned].abs().sum()) > 0
+
+
+def test_fast_mode_freezes_pruned_block_scores():
+    torch.manual_seed(0)
+    model = TwoLinear(block_size=16)
+    pruner = MovementPruner(model, block_score_mode="fast")
+    with torch.no_grad():
+        for p in pruner.score_parameters():
+            p.normal_()
+    pruner.update(0.5)
+    opt = torch.optim.AdamW(pruner.score_parameters(), lr=0.1, weight_decay=0.0)
+    before = [p.detach().clone() for p in pruner.score_parameters()]
+    for _ in range(2):
+        model(torch.randn(4, 32)).pow(2).sum().backward()
+        pruner.freeze_pruned()
+        opt.step()
+        pruner.restore_frozen()
+        opt.zero_grad()
+    for (_, layer), old in zip(pruner.layers, before):
+        s = layer.movement_scores.detach()
+        assert torch.equal(s[~layer.block_mask], old[~layer.block_mask])
+        assert not torch.equal(s[layer.block_mask], old[layer.block_mask])
+
+
+# -- soft movement ----------------------------------------------------------------------------------------
+def test_soft_movement_threshold_min_keep_and_l1():
+    model = TwoLinear()
+    pruner = SoftMovementPruner(model)
+    pruner.update(0.0)  # sigmoid(0) = 0.5 > 0: everything kept
+    assert bool(model.a.mask.all())
+    with torch.no_grad():
+        model.a.movement_scores.fill_(-5.0)   # sigmoid ~ 0.0067 < 0.1 everywhere -> min keep
+        model.b.movement_scores.normal_()
+    pruner.update(0.1)
+    assert int(model.a.mask.sum()) == int(0.005 * 64 * 32) + 1
+    expected_b = torch.sigmoid(model.b.movement_scores) > 0.1
+    assert torch.equal(model.b.mask, expected_b)
+    reg = pruner.regularization()
+    manual = (torch.sigmoid(model.a.movement_scores).mean() + torch.sigmoid(model.b.movement_scores).mean()) / 2
+    torch.testing.assert_close(reg, manual)
+    reg.backward()
+    assert model.a.movement_scores.grad is not None
+
+
+# -- reachability ---------------------------------------------------------------------------------------
+def test_unreachable_targets_are_errors():
+    model = TwoLinear(block_size=16)   # 8 blocks per matrix
+    pruner = MovementPruner(model)
+    with pytest.raises(ValueError, match="unreachable"):
+        pruner.check_reachable(0.999, 0.01)    # keeps no block at all
+    with pytest.raises(ValueError, match="unreachable"):
+        pruner.check_reachable(0.8, 0.01)      # per-matrix top-k gives 0.875
+    pruner.check_reachable(0.75, 0.01)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        pruner.check_reachable(1.0, 0.01)
+    with pytest.raises(ValueError, match="method"):
+        build_pruner("first-order", model)
