@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Measured SST-2 results on the default model: dense teacher, movement vs CAP-m (90%, 97%), block movement vs
+CAP + block movement (90%), optionally soft movement vs CAP-soft; several seeds, same budget for a method and its
+CAP version. Every run is a `capsparse` CLI invocation with its own run directory.
+
+    # run everything that is missing (resumable: finished runs are skipped), then write the tables
+    python scripts/run_results.py run --out runs/results --seeds 0 1 2
+    # tables + plot from whatever has finished so far
+    python scripts/run_results.py collect --out runs/results
+
+Writes ``<out>/results.md``, ``results.csv``, ``results.json`` and ``accuracy_vs_sparsity.png`` after every run,
+so a partial set still has its tables. Runs go seed by seed (all configurations of seed 0, then seed 1...), each
+baseline right before its CAP version, so that an interrupted set still has matched pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name -> (label, prune flags); the teacher is "dense"
+CONFIGS = {
+    "movement-90": ("movement", ["--method", "movement", "--no-cap", "--sparsity", "0.9"]),
+    "capm-90": ("CAP-m", ["--method", "movement", "--cap", "--sparsity", "0.9"]),
+    "movement-97": ("movement", ["--method", "movement", "--no-cap", "--sparsity", "0.97"]),
+    "capm-97": ("CAP-m", ["--method", "movement", "--cap", "--sparsity", "0.97"]),
+    "block-90": ("block movement (32x32)", ["--method", "block-movement", "--block-size", "32", "--no-cap",
+                                           "--sparsity", "0.9"]),
+    "capblock-90": ("CAP + block movement (32x32)", ["--method", "block-movement", "--block-size", "32", "--cap",
+                                                    "--sparsity", "0.9"]),
+    "soft-90": ("soft movement", ["--method", "soft-movement", "--no-cap", "--sparsity", "0.9"]),
+    "capsoft-90": ("CAP-soft", ["--method", "soft-movement", "--cap", "--sparsity", "0.9"]),
+}
+DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "block-90", "capblock-90"]
+PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("block-90", "capblock-90"),
+         ("soft-90", "capsoft-90")]
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def budget_flags(a) -> list:
+    return ["--task", "sst2", "--max-length", str(a.max_length), "--batch-size", str(a.batch_size),
+            "--max-train-examples", str(a.train_examples), "--eval-batch-size", "128"]
+
+
+def run_one(cmd: list, run_dir: Path, threads: int) -> bool:
+    """Run a capsparse command; True when its metrics.json has an eval result afterwards."""
+    if (run_dir / "metrics.json").is_file() and "eval" in json.loads((run_dir / "metrics.json").read_text()):
+        log(f"skip {run_dir} (done)")
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    full = [sys.executable, "-m", "capsparse", *cmd, "--output-dir", str(run_dir), "--threads", str(threads)]
+    (run_dir / "command.txt").write_text(shlex.join(full) + "\n")
+    log("start " + shlex.join(full[2:]))
+    start = time.time()
+    env = dict(os.environ, TQDM_MININTERVAL="10")
+    with open(run_dir / "stdout.log", "w") as out:
+        proc = subprocess.run(full, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    ok = proc.returncode == 0
+    log(f"{'done' if ok else 'FAILED rc=%d' % proc.returncode} {run_dir} in {time.time() - start:.0f} s")
+    return ok
+
+
+def cmd_run(a) -> int:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"started": dt.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv, "budget": vars(a)}
+    from capsparse.runlog import machine_info
+
+    meta["machine"] = machine_info()
+    (out / "run_meta.json").write_text(json.dumps(meta, indent=2))
+    teacher_dir = out / "dense" / f"seed{a.teacher_seed}"
+    teacher_cmd = ["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
+                   "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed",
+                   str(a.teacher_seed)]
+    if not run_one(teacher_cmd, teacher_dir, a.threads):
+        return 1
+    collect(out)
+    teacher_model = teacher_dir / "model"
+    for seed in a.seeds:
+        if seed != a.teacher_seed and a.dense_seeds:
+            run_one(["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
+                     "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed", str(seed)],
+                    out / "dense" / f"seed{seed}", a.threads)
+        for name in a.configs:
+            _, flags = CONFIGS[name]
+            cmd = ["prune", *budget_flags(a), *flags, "--teacher", str(teacher_model), "--max-steps", str(a.steps),
+                   "--learning-rate", str(a.lr), "--seed", str(seed)]
+            for opt in a.cap_option or []:
+                cmd += ["--cap-option", opt]
+            if name.startswith(("soft", "capsoft")) and a.soft_lambda is not None:
+                cmd += ["--cap-option", f"soft_lambda_final={a.soft_lambda}"]
+            run_one(cmd, out / name / f"seed{seed}", a.threads)
+            collect(out)
+    meta["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    (out / "run_meta.json").write_text(json.dumps(meta, indent=2))
+    collect(out)
+    return 0
+
+
+def _mean_std(xs):
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def collect(out) -> dict:
+    """Aggregate finished runs under ``out`` into results.{md,csv,json} and accuracy_vs_sparsity.png."""
+    out = Path(out)
+    rows = []
+    names = ["dense"] + list(CONFIGS)
+    per_seed = {}
+    for name in names:
+        d = out / name
+        if not d.is_dir():
+            continue
+        accs, sps, walls, sizes, seeds, steps = [], [], [], [], [], []
+        for run in sorted(d.glob("seed*")):
+            mpath = run / "metrics.json"
+            if not mpath.is_file():
+                continue
+            m = json.loads(mpath.read_text())
+            if "eval" not in m:
+                continue
+            seed = int(run.name[4:])
+            accs.append(100 * m["eval"]["accuracy"])
+            sps.append(m.get("sparsity", 0.0) or 0.0)
+            walls.append(m.get("wall_seconds"))
+            sizes.append(m.get("export_bytes"))
+            steps.append(m.get("train_steps"))
+            seeds.append(seed)
+            per_seed.setdefault(name, {})[seed] = 100 * m["eval"]["accuracy"]
+        if not accs:
+            continue
+        label = "dense teacher" if name == "dense" else CONFIGS[name][0]
+        mean, std = _mean_std(accs)
+        rows.append({"config": name, "method": label, "sparsity": statistics.fmean(sps), "n_seeds": len(accs),
+                     "seeds": seeds, "accuracies": accs, "mean": mean, "std": std,
+                     "wall_seconds_mean": statistics.fmean([w for w in walls if w is not None] or [0.0]),
+                     "export_mb": (statistics.fmean([s for s in sizes if s]) / 1e6) if any(sizes) else None,
+                     "train_steps": steps[0]})
+    # paired differences (CAP - baseline) over the seeds both finished
+    diffs = []
+    for base, capv in PAIRS:
+        b, c = per_seed.get(base, {}), per_seed.get(capv, {})
+        common = sorted(set(b) & set(c))
+        if common:
+            d = [c[s] - b[s] for s in common]
+            mean, std = _mean_std(d)
+            diffs.append({"baseline": base, "cap": capv, "seeds": common, "diff_mean": mean, "diff_std": std,
+                          "diffs": d})
+    result = {"rows": rows, "paired": diffs, "collected": dt.datetime.now().isoformat(timespec="seconds")}
+    meta_path = out / "run_meta.json"
+    if meta_path.is_file():
+        result["meta"] = json.loads(meta_path.read_text())
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", "method", "sparsity", "n_seeds", "acc_mean", "acc_std", "accuracies", "export_mb",
+                    "wall_seconds_mean"])
+        for r in rows:
+            w.writerow([r["config"], r["method"], f"{r['sparsity']:.4f}", r["n_seeds"], f"{r['mean']:.2f}",
+                        f"{r['std']:.2f}", " ".join(f"{x:.2f}" for x in r["accuracies"]),
+                        "" if r["export_mb"] is None else f"{r['export_mb']:.1f}", f"{r['wall_seconds_mean']:.0f}"])
+    lines = ["| method | sparsity | SST-2 dev acc (mean ± std) | seeds | per-seed | export size | wall / run |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['sparsity']:.1f}% | {r['mean']:.2f} ± {r['std']:.2f} | "
+                     f"{r['n_seeds']} | {', '.join(f'{x:.1f}' for x in r['accuracies'])} | "
+                     f"{'-' if r['export_mb'] is None else '%.1f MB' % r['export_mb']} | "
+                     f"{r['wall_seconds_mean'] / 60:.1f} min |")
+    if diffs:
+        lines += ["", "| CAP vs baseline (paired by seed) | seeds | CAP − baseline (points) |", "|---|---|---|"]
+        for d in diffs:
+            lines.append(f"| {d['cap']} vs {d['baseline']} | {', '.join(map(str, d['seeds']))} | "
+                         f"{d['diff_mean']:+.2f} ± {d['diff_std']:.2f} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    try:
+        from capsparse.plots import plot_accuracy_vs_sparsity
+
+        dense = next((r["mean"] for r in rows if r["config"] == "dense"), None)
+        plot_rows = [dict(r, method=r["method"]) for r in rows if r["config"] != "dense"]
+        plot_accuracy_vs_sparsity(plot_rows, out / "accuracy_vs_sparsity.png", metric="SST-2 dev accuracy (%)",
+                                  dense=dense, title="SST-2 dev, all-MiniLM-L6-v2, short CPU budget")
+    except Exception as exc:  # noqa: BLE001 - the tables matter more than the plot
+        log(f"plot failed: {exc}")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the missing runs, then collect")
+    r.add_argument("--out", default="runs/results", help="results directory")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (data subset + init)")
+    r.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS), help="pruning runs")
+    r.add_argument("--train-examples", type=int, default=2000, help="SST-2 training subset per pruning run")
+    r.add_argument("--steps", type=int, default=120, help="optimizer steps per pruning run")
+    r.add_argument("--lr", type=float, default=1e-4, help="weight learning rate of the pruning runs")
+    r.add_argument("--max-length", type=int, default=64, help="max tokens (dynamic padding)")
+    r.add_argument("--batch-size", type=int, default=32, help="batch size")
+    r.add_argument("--teacher-examples", type=int, default=4000, help="SST-2 training subset for the teacher")
+    r.add_argument("--teacher-steps", type=int, default=150, help="teacher fine-tuning steps")
+    r.add_argument("--teacher-lr", type=float, default=1e-4, help="teacher learning rate")
+    r.add_argument("--teacher-seed", type=int, default=0, help="seed of the shared teacher")
+    r.add_argument("--dense-seeds", action="store_true", help="also fine-tune a dense model per seed (dense mean±std)")
+    r.add_argument("--cap-option", action="append", default=None, help="extra --cap-option for every pruning run")
+    r.add_argument("--soft-lambda", type=float, default=None, help="soft_lambda_final for the soft-movement runs")
+    r.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    c = sub.add_parser("collect", help="write the tables and plot from finished runs")
+    c.add_argument("--out", default="runs/results")
+    a = p.parse_args(argv)
+    if a.cmd == "collect":
+        res = collect(a.out)
+        print(Path(a.out, "results.md").read_text())
+        return 0 if res["rows"] else 1
+    return cmd_run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
