@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NVCC="${NVCC:-$(command -v nvcc || true)}"
 if [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc; fi
 if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
-  echo "nvcc_check: SKIPPED (nvcc not found)"
+  echo "nvcc_check: SKIPPED (nvcc not found${NVCC:+: $NVCC})"
   exit 0
 fi
 ARCHS="${NVCC_CHECK_ARCHS:-sm_80 sm_90a}"

@@ -58,13 +58,11 @@ def test_nvcc_check_fails_on_warnings(tmp_path):
     assert proc.returncode != 0, proc.stdout
 
 
-def test_nvcc_check_skips_without_nvcc(tmp_path):
-    env = dict(os.environ, PATH=str(tmp_path), NVCC="")
-    # hide the default location too by pointing NVCC at nothing and PATH at an empty dir
-    proc = subprocess.run(["/bin/bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=60)
-    if os.access("/usr/local/cuda/bin/nvcc", os.X_OK):
-        pytest.skip("/usr/local/cuda/bin/nvcc exists, the script finds it there")
-    assert proc.returncode == 0 and "SKIPPED (nvcc not found)" in proc.stdout
+def test_nvcc_check_skips_without_nvcc():
+    env = dict(os.environ, NVCC="/nonexistent/bin/nvcc")
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SKIPPED (nvcc not found" in proc.stdout
 
 
 def test_cuda_backend_is_available_does_not_raise():
