@@ -32,7 +32,7 @@ def tiny_dataset(n=32, seq=16, num_labels=2, vocab=100, seed=0, with_idx=True, r
     ids[:, 0] = 1  # [CLS]
     data = {"input_ids": ids.tolist(), "attention_mask": torch.ones(n, seq, dtype=torch.long).tolist(),
             "token_type_ids": torch.zeros(n, seq, dtype=torch.long).tolist()}
-    data["labels"] = labels.float().tolist() if regression else labels.tolist()
+    data["labels"] = (labels.float() + 0.1 * torch.randn(n, generator=g)).tolist() if regression else labels.tolist()
     if with_idx:
         data["idx"] = list(range(n))
     return datasets.Dataset.from_dict(data)

@@ -190,7 +190,7 @@ class CAPTrainer(transformers.Trainer):
         if self.cap_config.w_s <= 0:
             return None
         if self.regression:
-            return torch.bucketize(labels.float().reshape(-1), self._bin_edges.to(labels.device))
+            return torch.bucketize(labels.float().reshape(-1), self._bin_edges.to(labels.device), right=True)
         return labels.long()
 
     def _current_lambda(self) -> float:
