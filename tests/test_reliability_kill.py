@@ -34,10 +34,20 @@ N_TIMER_KILLS = 3
 STATS_FILE = os.environ.get("CAPSPARSE_RELIABILITY_STATS")
 
 
+def _pinned_backend():
+    """The backend every run of this module uses: the CPU default, resolved once (a backend that appears or
+    changes between the baseline and a resumed run would change the last bits)."""
+    from capsparse.backends import available_backends
+
+    return "cpu" if available_backends()["cpu"][0] else "reference"
+
+
+BACKEND = os.environ.get("CAPSPARSE_BACKEND") or _pinned_backend()
+
+
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_CBWR="COMPATIBLE", PYTHONWARNINGS="ignore")
-    env.pop("CAPSPARSE_BACKEND", None)
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MKL_CBWR="COMPATIBLE", PYTHONWARNINGS="ignore",
+                CAPSPARSE_BACKEND=BACKEND)
 
 
 def run(run_dir, *extra, timeout=120):
@@ -111,7 +121,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(baseline, tmp_pat
     r = run(run_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_final(baseline, run_dir)
-    _record("kill", {"event_kills": fired, "event_points": log, "timer_kills": timer_fired,
+    _record("kill", {"backend": BACKEND, "event_kills": fired, "event_points": log, "timer_kills": timer_fired,
                      "chains": chains + 1, "all_recovered": True})
 
 
