@@ -129,6 +129,7 @@ def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_
                                 float(temperature), normalization)
 
 
-def set_tuning(token_tile: int = 0, dw_chunk: int = 0) -> None:
-    """Token tile of the forward/dX kernels and token chunk of dW (0 = automatic); for benchmarks."""
-    _C().set_tuning(int(token_tile), int(dw_chunk))
+def set_tuning(token_tile: int = 0, dw_chunk: int = 0, order: int = 0) -> None:
+    """Token tile and loop order (1 weight-strip outer, 2 token-row outer) of the forward/dX
+    kernels and token chunk of dW; 0 = automatic. For benchmarks and tuning."""
+    _C().set_tuning(int(token_tile), int(dw_chunk), int(order))

@@ -19,10 +19,12 @@ namespace capsparse {
 
 static int64_t g_token_tile = 0;  // 0 = automatic
 static int64_t g_dw_chunk = 0;
+static int64_t g_order = 0;  // 0 automatic, 1 weight-strip outer, 2 token-micro-row outer
 
-void set_tuning(int64_t token_tile, int64_t dw_chunk) {
+void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order) {
   g_token_tile = token_tile;
   g_dw_chunk = dw_chunk;
+  g_order = order;
 }
 
 std::string simd_info() {
@@ -66,8 +68,7 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
   int64_t MT = g_token_tile;
   if (MT <= 0) {
     // keep the packed token tile (MT x Kin floats) around a quarter of a 1 MiB L2
-    MT = (262144 / 4) / std::max<int64_t>(Kin, 1);
-    MT = std::max<int64_t>(MR, std::min<int64_t>(MT, 16 * MR));
+    MT = 2 * MR;  // measured best (small tiles keep the output write streams few)
   }
   MT = std::max<int64_t>(MR, (MT / MR) * MR);
   // make sure every thread gets work on small T
@@ -94,6 +95,8 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
     gstart[ngroups] = nOut;
   }
   const int64_t nitems = ntiles * ngroups;
+  const int64_t packed_bytes = (int64_t)ptr[nOut] * L * Wd * (int64_t)sizeof(float);
+  const bool row_outer = g_order == 2 || (g_order == 0 && packed_bytes <= (512 << 10));
   const ukr_fn kern = ukr_for(MR);
   const int64_t nstrips = Wd / NR;
 
@@ -120,25 +123,33 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
           }
         }
       }
-      for (int64_t o = gstart[g]; o < gstart[g + 1]; ++o) {
+      auto tile_op = [&](int64_t o, int64_t s, int64_t mi) {
         const int64_t nb = ptr[o + 1] - ptr[o];
         const int32_t* ix = idx + ptr[o];
-        for (int64_t s = 0; s < nstrips; ++s) {
-          const float* strip = Bp + (int64_t)ptr[o] * L * Wd + s * nb * L * NR;
-          const float* init = bias ? bias + o * Wd + s * NR : nullptr;
-          const int mode = bias ? 2 : 0;
-          for (int64_t mi = 0; mi < nmi; ++mi) {
-            const int64_t rows = std::min<int64_t>(MR, mt - mi * MR);
-            const float* a = ap.p + mi * Kin * MR;
-            float* c = Y + (t0 + mi * MR) * Nout + o * Wd + s * NR;
-            if (rows == MR) {
-              kern(nb, ix, L, a, L * MR, MR, strip, L * NR, NR, c, Nout, mode, init);
-            } else {
-              kern(nb, ix, L, a, L * MR, MR, strip, L * NR, NR, tmp, NR, mode, init);
-              for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * Nout, tmp + i * NR, NR * sizeof(float));
-            }
-          }
+        const float* strip = Bp + (int64_t)ptr[o] * L * Wd + s * nb * L * NR;
+        const float* init = bias ? bias + o * Wd + s * NR : nullptr;
+        const int mode = bias ? 2 : 0;
+        const int64_t rows = std::min<int64_t>(MR, mt - mi * MR);
+        const float* a = ap.p + mi * Kin * MR;
+        float* c = Y + (t0 + mi * MR) * Nout + o * Wd + s * NR;
+        if (rows == MR) {
+          kern(nb, ix, L, a, L * MR, MR, strip, L * NR, NR, c, Nout, mode, init);
+        } else {
+          kern(nb, ix, L, a, L * MR, MR, strip, L * NR, NR, tmp, NR, mode, init);
+          for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * Nout, tmp + i * NR, NR * sizeof(float));
         }
+      };
+      if (row_outer) {
+        // one micro-row of tokens at a time across all output blocks: the output is written
+        // row-block by row-block; the packed weight must stay in L2 for this to pay
+        for (int64_t mi = 0; mi < nmi; ++mi)
+          for (int64_t o = gstart[g]; o < gstart[g + 1]; ++o)
+            for (int64_t s = 0; s < nstrips; ++s) tile_op(o, s, mi);
+      } else {
+        // one 16-column weight strip at a time, reused by every micro-row of the token tile
+        for (int64_t o = gstart[g]; o < gstart[g + 1]; ++o)
+          for (int64_t s = 0; s < nstrips; ++s)
+            for (int64_t mi = 0; mi < nmi; ++mi) tile_op(o, s, mi);
       }
     }
   }

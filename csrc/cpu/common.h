@@ -20,7 +20,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::
     const at::Tensor& exclude_index, double temperature, const std::string& normalization);
 
 // Tuning knobs (token tile, dW token chunk); 0 = automatic.
-void set_tuning(int64_t token_tile, int64_t dw_chunk);
+void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order);
 std::string simd_info();
 
 }  // namespace capsparse

@@ -15,7 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cap_contrastive", &capsparse::cap_contrastive, "CAP contrastive losses and grads wrt q",
         py::arg("q"), py::arg("k"), py::arg("query_ids"), py::arg("key_ids"), py::arg("query_labels"),
         py::arg("key_labels"), py::arg("exclude_index"), py::arg("temperature"), py::arg("normalization"));
-  m.def("set_tuning", &capsparse::set_tuning, "token tile / dW chunk (0 = automatic)", py::arg("token_tile"),
-        py::arg("dw_chunk"));
+  m.def("set_tuning", &capsparse::set_tuning, "token tile / dW chunk / loop order (0 = automatic)",
+        py::arg("token_tile"), py::arg("dw_chunk"), py::arg("order") = 0);
   m.def("simd_info", &capsparse::simd_info);
 }
