@@ -190,5 +190,70 @@ def main(argv=None) -> int:
     return 0
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face Trainer variant: atomic manifested checkpoint-N dirs, Ctrl-C stop, resume
+# ---------------------------------------------------------------------------------------------------------
+
+
+def trainer_main(argv) -> int:
+    import transformers
+
+    from capsparse.checkpoint import AtomicCheckpointCallback, resolve_resume_checkpoint
+    from capsparse.guards import NanGuardCallback
+    from capsparse.resources import GracefulStopCallback
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--max-steps", type=int, default=16)
+    p.add_argument("--step-sleep", type=float, default=0.0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    class TrainerNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1 = SparseLinear(FEAT, HID, block_size=16)
+            self.drop = nn.Dropout(0.1)
+            self.head = nn.Linear(HID, CLASSES)
+
+        def forward(self, x, labels):
+            logits = self.head(self.drop(F.gelu(self.fc1(x))))
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    class Progress(transformers.TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            print(f"STEP {state.global_step}", flush=True)
+            if args.step_sleep:
+                import time
+
+                time.sleep(args.step_sleep)
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(FEAT, generator=g), "labels": torch.tensor(i % CLASSES)} for i in range(N)]
+    targs = transformers.TrainingArguments(
+        output_dir=args.run_dir, per_device_train_batch_size=BATCH, max_steps=args.max_steps, save_steps=4,
+        save_total_limit=2, report_to="none", use_cpu=True, learning_rate=1e-2, logging_strategy="no",
+        disable_tqdm=True, seed=0, data_seed=0, dataloader_num_workers=0)
+    stop = GracefulStopCallback()
+    trainer = transformers.Trainer(model=TrainerNet(), args=targs, train_dataset=data,
+                                   callbacks=[Progress(), NanGuardCallback("stop"), stop])
+    trainer.add_callback(AtomicCheckpointCallback())  # last: after every other on_save
+    print("READY", flush=True)
+    resume = resolve_resume_checkpoint(args.run_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    if stop.requested:
+        print(f"STOPPED at {trainer.state.global_step}", flush=True)
+        return 0
+    with ck.atomic_checkpoint_dir(Path(args.run_dir) / "final") as tmp:
+        ck.save_state(tmp, dict(trainer.model.state_dict()), {"step": trainer.state.global_step})
+    print("DONE", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["trainer"]:
+        sys.exit(trainer_main(sys.argv[2:]))
     sys.exit(main())

@@ -1,0 +1,121 @@
+"""Resource estimates and checks, Ctrl-C handling, and the Hugging Face Trainer path (atomic manifested
+``checkpoint-N``, SIGINT -> checkpoint + clean exit, SIGKILL -> resume) with real subprocesses."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsparse import checkpoint as ck
+from capsparse import resources as rs
+
+SCRIPT = Path(__file__).with_name("_killrun.py")
+
+
+def test_bank_estimate_matches_cap_method_section7():
+    # 11 fp32 representations of MNLI at D=768: ~13.3 GB (docs/cap-method.md section 7)
+    est = rs.estimate_bank_bytes(392_702, 768, {"prc": 1, "fic": 1, "snc": 9}, "fp32", num_labels=3)
+    banks = sum(v for k, v in est.parts.items() if k.startswith("bank"))
+    assert banks == 392_702 * 11 * 768 * 4 and round(banks / 1e9, 1) == 13.3
+    half = rs.estimate_bank_bytes(392_702, 768, {"prc": 1, "fic": 1, "snc": 9}, "bf16", num_labels=3)
+    assert sum(v for k, v in half.parts.items() if k.startswith("bank")) * 2 == banks
+    squad = rs.estimate_bank_bytes(88_600, 768, {"prc": 1}, teacher_logits_per_example=384 * 2)
+    assert squad.parts["teacher-logit cache (88600 x 768, fp32)"] == 88_600 * 768 * 4
+    assert "total" in str(est)
+
+
+def test_checks_raise_with_suggestions():
+    est = rs.estimate_bank_bytes(392_702, 768, {"prc": 1, "fic": 1, "snc": 9})
+    with pytest.raises(rs.ResourceError) as exc:
+        rs.check_resources(bank=est, ram=8 << 30)
+    msg = str(exc.value)
+    assert "banks: need" in msg and "fp16" in msg and "fewer snapshots" in msg
+    report = rs.check_resources(bank=est, ram=64 << 30)
+    assert report.ok
+    with pytest.raises(rs.ResourceError, match="CPU memory"):
+        rs.check_resources(bank=est, bank_device="cuda", gpu=4 << 30)
+    ckpt = rs.estimate_checkpoint_bytes(110_000_000, n_scores=85_000_000, bank=est, keep_last=2)
+    with pytest.raises(rs.ResourceError, match="save_total_limit"):
+        rs.check_resources(checkpoint=ckpt, checkpoint_dir="/tmp", disk=10 << 30)
+    report = rs.check_resources(checkpoint=ckpt, checkpoint_dir="/tmp", disk=1 << 40, strict=False)
+    assert report.ok
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        rs.check_resources(checkpoint=ckpt)
+    with pytest.raises(ValueError, match="n_examples"):
+        rs.estimate_bank_bytes(0)
+    with pytest.raises(ValueError, match="dtype"):
+        rs.estimate_bank_bytes(10, dtype="int3")
+    with pytest.raises(ValueError, match=r"reps\['snc'\]"):
+        rs.estimate_bank_bytes(10, reps={"snc": 0})
+
+
+def test_measured_free_resources(tmp_path):
+    assert rs.available_ram() > 0
+    assert rs.available_disk(tmp_path / "not" / "yet") > 0
+    assert rs.available_gpu_memory() is None or rs.available_gpu_memory() > 0
+
+
+def test_graceful_stop_in_process():
+    with rs.GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _popen(run_dir, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_CBWR="COMPATIBLE", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, str(SCRIPT), "trainer", "--run-dir", str(run_dir), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(proc, prefix):
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line.strip()
+    raise AssertionError(f"{prefix!r} never printed; stderr: {proc.stderr.read()[-2000:]}")
+
+
+def _final(run_dir):
+    tensors, meta = ck.load_state(Path(run_dir) / "final", verify=True)
+    return tensors, meta
+
+
+def test_trainer_sigint_checkpoint_then_sigkill_then_resume_is_bit_identical(tmp_path):
+    base = _popen(tmp_path / "base")
+    out, err = base.communicate(timeout=300)
+    assert base.returncode == 0, err[-2000:]
+
+    run_dir = tmp_path / "run"
+    proc = _popen(run_dir, "--step-sleep", "0.3")
+    _wait_for(proc, "STEP 5")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = int(out.split("STOPPED at ")[1].split()[0])
+    assert 5 <= stopped < 16
+    ckpt = run_dir / f"checkpoint-{stopped}"
+    assert ck.verify_checkpoint(ckpt)["extra"]["global_step"] == stopped
+
+    proc = _popen(run_dir, "--step-sleep", "0.05")
+    _wait_for(proc, f"STEP {stopped + 3}")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    (ck.list_checkpoints(run_dir)[0] / ck.MANIFEST_NAME).unlink()  # the newest one is also left incomplete
+
+    proc = _popen(run_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "DONE" in out
+    (ta, ma), (tb, mb) = _final(tmp_path / "base"), _final(run_dir)
+    assert ma == mb and sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    assert any(p.name.startswith("broken-checkpoint-") for p in run_dir.iterdir())
