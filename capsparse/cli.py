@@ -67,6 +67,8 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = Tru
                        help="log loss/sparsity every N steps (default: about 20 points per run)")
         p.add_argument("--eval-during-training", action="store_true", default=False,
                        help="also evaluate on the dev set at every logging step (slower)")
+        p.add_argument("--group-by-length", action="store_true", default=False,
+                       help="batch examples of similar length together (less padding: faster on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

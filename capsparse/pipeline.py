@@ -24,7 +24,7 @@ log = get_logger("pipeline")
 DEFAULTS: Dict[str, Any] = dict(
     task="sst2", glue_dir=None, model="default", max_length=128, batch_size=32, eval_batch_size=64,
     max_train_examples=None, max_eval_examples=None, epochs=3.0, max_steps=None, learning_rate=None,
-    warmup_ratio=None, logging_steps=None, eval_during_training=False, seed=42, output_dir=None, threads=None,
+    warmup_ratio=None, logging_steps=None, eval_during_training=False, group_by_length=False, seed=42, output_dir=None, threads=None,
     teacher=None, method=None, cap=None, sparsity=None, block_size=None, recipe="glue-unstructured",
     cap_options=None, cap_option=None, split="validation", fp16=False,
 )
@@ -134,6 +134,8 @@ def training_arguments(o: Dict[str, Any], out: Path, learning_rate: float, n_tra
         data_seed=o["seed"], disable_tqdm=False, remove_unused_columns=remove_unused, dataloader_num_workers=0,
         eval_strategy=eval_strategy, eval_steps=logging_steps if eval_strategy == "steps" else None,
     )
+    if o.get("group_by_length"):
+        kwargs["train_sampling_strategy"] = "group_by_length"
     import torch
 
     if not torch.cuda.is_available():
@@ -511,7 +513,7 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
     o = _opts(options, **overrides)
     quick = bool(o.get("quick"))
     out = Path(o["output_dir"] or "runs/demo")
-    run = RunDir(out, command="demo")
+    run = RunDir(out, command="demo", sticky=True)
     n_train = o.get("train_examples") or (256 if quick else 2000)
     teacher_steps = o.get("teacher_steps") or (8 if quick else 60)
     prune_steps = o.get("prune_steps") or (12 if quick else 150)
@@ -522,7 +524,8 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
     started = time.perf_counter()
     common = dict(task="sst2", glue_dir=o["glue_dir"], model=o["model"], max_length=o["max_length"],
                   batch_size=o["batch_size"], eval_batch_size=o["eval_batch_size"], max_train_examples=n_train,
-                  max_eval_examples=n_eval, seed=o["seed"], logging_steps=max(1, min(teacher_steps, prune_steps) // 15))
+                  max_eval_examples=n_eval, seed=o["seed"], logging_steps=max(1, min(teacher_steps, prune_steps) // 15),
+                  group_by_length=True)
     log.info("demo: SST-2, %d train examples, max_length %d, teacher %d steps, pruning %d steps per method, "
              "sparsity %.2f", n_train, o["max_length"], teacher_steps, prune_steps, o["sparsity"])
     t0 = time.perf_counter()

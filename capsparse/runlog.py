@@ -101,6 +101,7 @@ class _TqdmSafeHandler(logging.StreamHandler):
     """Console handler that writes through ``tqdm.write`` so log lines do not break progress bars."""
 
     def emit(self, record):
+        self.stream = sys.stderr  # follow redirections (pytest capture, tqdm) made after setup
         try:
             from tqdm.auto import tqdm
 
@@ -109,29 +110,34 @@ class _TqdmSafeHandler(logging.StreamHandler):
             super().emit(record)
 
 
+def _is_console(handler) -> bool:
+    return getattr(handler, "_capsparse", False) and not isinstance(handler, logging.FileHandler)
+
+
 def setup_logging(output_dir: Optional[PathLike] = None, level: int = logging.INFO, console: bool = True,
-                  log_file: str = LOG_FILE) -> logging.Logger:
+                  log_file: str = LOG_FILE, sticky: bool = False) -> logging.Logger:
     """Configure the ``capsparse`` logger (console + ``<output_dir>/run.log``); also routes the
-    ``transformers`` logger into the file. Calling it again replaces the handlers (one run per process)."""
+    ``transformers`` logger into the file. Calling it again replaces the previous run's file handlers,
+    except ``sticky`` ones (an enclosing run, e.g. the demo's log, keeps receiving its sub-runs' lines)."""
     logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(level)
+    logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        if getattr(handler, "_capsparse", False):
-            logger.removeHandler(handler)
-            handler.close()
+    tf_logger = logging.getLogger("transformers")
+    for lg in (logger, tf_logger):
+        for handler in list(lg.handlers):
+            if getattr(handler, "_capsparse", False) and not getattr(handler, "_capsparse_sticky", False) \
+                    and not _is_console(handler):
+                lg.removeHandler(handler)
+                handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    if any(_is_console(h) for h in logger.handlers):
+        console = False
     if console:
         stream = _TqdmSafeHandler(sys.stderr)
         stream.setFormatter(logging.Formatter("%(message)s"))
         stream.setLevel(level)
         stream._capsparse = True
         logger.addHandler(stream)
-    tf_logger = logging.getLogger("transformers")
-    for handler in list(tf_logger.handlers):
-        if getattr(handler, "_capsparse", False):
-            tf_logger.removeHandler(handler)
-            handler.close()
     if output_dir is not None:
         path = Path(output_dir)
         path.mkdir(parents=True, exist_ok=True)
@@ -139,11 +145,13 @@ def setup_logging(output_dir: Optional[PathLike] = None, level: int = logging.IN
         file_handler.setFormatter(fmt)
         file_handler.setLevel(logging.DEBUG)
         file_handler._capsparse = True
+        file_handler._capsparse_sticky = sticky
         logger.addHandler(file_handler)
         tf_file = logging.FileHandler(path / log_file)
         tf_file.setFormatter(fmt)
         tf_file.setLevel(logging.INFO)
         tf_file._capsparse = True
+        tf_file._capsparse_sticky = sticky
         tf_logger.addHandler(tf_file)
     return logger
 
@@ -155,7 +163,8 @@ def get_logger(name: str = "") -> logging.Logger:
 class RunDir:
     """A run's output directory: ``config.json`` (written once), ``metrics.json`` (merged updates), ``run.log``."""
 
-    def __init__(self, path: PathLike, command: Optional[str] = None, setup_log: bool = True, console: bool = True):
+    def __init__(self, path: PathLike, command: Optional[str] = None, setup_log: bool = True, console: bool = True,
+                 sticky: bool = False):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.command = command
@@ -167,7 +176,7 @@ class RunDir:
             except (OSError, ValueError):
                 self._metrics = {}
         if setup_log:
-            setup_logging(self.path, console=console)
+            setup_logging(self.path, console=console, sticky=sticky)
 
     @property
     def config_path(self) -> Path:

@@ -47,13 +47,16 @@ PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("block-90", "c
          ("soft-90", "capsoft-90")]
 
 
+BACKEND = None  # CAPSPARSE_BACKEND for the runs (--backend)
+
+
 def log(msg: str) -> None:
     print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def budget_flags(a) -> list:
     return ["--task", "sst2", "--max-length", str(a.max_length), "--batch-size", str(a.batch_size),
-            "--max-train-examples", str(a.train_examples), "--eval-batch-size", "128"]
+            "--max-train-examples", str(a.train_examples), "--eval-batch-size", "128", "--group-by-length"]
 
 
 def run_one(cmd: list, run_dir: Path, threads: int) -> bool:
@@ -67,8 +70,14 @@ def run_one(cmd: list, run_dir: Path, threads: int) -> bool:
     log("start " + shlex.join(full[2:]))
     start = time.time()
     env = dict(os.environ, TQDM_MININTERVAL="10")
-    with open(run_dir / "stdout.log", "w") as out:
-        proc = subprocess.run(full, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if BACKEND:
+        env["CAPSPARSE_BACKEND"] = BACKEND
+    for attempt in range(2):  # one retry when killed by a signal (e.g. a shared .so rebuilt under a running job)
+        with open(run_dir / "stdout.log", "a" if attempt else "w") as out:
+            proc = subprocess.run(full, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        if proc.returncode == 0 or proc.returncode > 0:
+            break
+        log(f"{run_dir} killed by signal {-proc.returncode}; retrying once")
     ok = proc.returncode == 0
     log(f"{'done' if ok else 'FAILED rc=%d' % proc.returncode} {run_dir} in {time.time() - start:.0f} s")
     return ok
@@ -86,15 +95,16 @@ def cmd_run(a) -> int:
     teacher_cmd = ["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
                    "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed",
                    str(a.teacher_seed)]
-    if not run_one(teacher_cmd, teacher_dir, a.threads):
+    if not run_one(teacher_cmd, teacher_dir, a.threads * a.jobs):
         return 1
     collect(out)
     teacher_model = teacher_dir / "model"
+    tasks = []  # (cmd, run_dir), seed-major, each baseline right before its CAP version
     for seed in a.seeds:
         if seed != a.teacher_seed and a.dense_seeds:
-            run_one(["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
-                     "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed", str(seed)],
-                    out / "dense" / f"seed{seed}", a.threads)
+            tasks.append((["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
+                           "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed",
+                           str(seed)], out / "dense" / f"seed{seed}"))
         for name in a.configs:
             _, flags = CONFIGS[name]
             cmd = ["prune", *budget_flags(a), *flags, "--teacher", str(teacher_model), "--max-steps", str(a.steps),
@@ -103,8 +113,18 @@ def cmd_run(a) -> int:
                 cmd += ["--cap-option", opt]
             if name.startswith(("soft", "capsoft")) and a.soft_lambda is not None:
                 cmd += ["--cap-option", f"soft_lambda_final={a.soft_lambda}"]
-            run_one(cmd, out / name / f"seed{seed}", a.threads)
-            collect(out)
+            tasks.append((cmd, out / name / f"seed{seed}"))
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(task):
+        ok = run_one(task[0], task[1], a.threads)
+        collect(out)
+        return ok
+
+    # --jobs processes at a time (in list order), e.g. 2 single-threaded runs on 2 cores
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        results = list(pool.map(work, tasks))
+    meta["failed"] = [str(t[1]) for t, ok in zip(tasks, results) if not ok]
     meta["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     (out / "run_meta.json").write_text(json.dumps(meta, indent=2))
     collect(out)
@@ -207,19 +227,22 @@ def main(argv=None) -> int:
     r.add_argument("--out", default="runs/results", help="results directory")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (data subset + init)")
     r.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS), help="pruning runs")
-    r.add_argument("--train-examples", type=int, default=2000, help="SST-2 training subset per pruning run")
-    r.add_argument("--steps", type=int, default=120, help="optimizer steps per pruning run")
+    r.add_argument("--train-examples", type=int, default=1000, help="SST-2 training subset per pruning run")
+    r.add_argument("--steps", type=int, default=60, help="optimizer steps per pruning run")
     r.add_argument("--lr", type=float, default=1e-4, help="weight learning rate of the pruning runs")
     r.add_argument("--max-length", type=int, default=64, help="max tokens (dynamic padding)")
     r.add_argument("--batch-size", type=int, default=32, help="batch size")
-    r.add_argument("--teacher-examples", type=int, default=4000, help="SST-2 training subset for the teacher")
-    r.add_argument("--teacher-steps", type=int, default=150, help="teacher fine-tuning steps")
+    r.add_argument("--teacher-examples", type=int, default=2000, help="SST-2 training subset for the teacher")
+    r.add_argument("--teacher-steps", type=int, default=60, help="teacher fine-tuning steps")
     r.add_argument("--teacher-lr", type=float, default=1e-4, help="teacher learning rate")
     r.add_argument("--teacher-seed", type=int, default=0, help="seed of the shared teacher")
     r.add_argument("--dense-seeds", action="store_true", help="also fine-tune a dense model per seed (dense mean±std)")
     r.add_argument("--cap-option", action="append", default=None, help="extra --cap-option for every pruning run")
     r.add_argument("--soft-lambda", type=float, default=None, help="soft_lambda_final for the soft-movement runs")
     r.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    r.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. --jobs 2 --threads 1 on 2 cores)")
+    r.add_argument("--backend", default=None, help="CAPSPARSE_BACKEND for the runs (e.g. reference: no C++ build "
+                                                   "needed; training speed is the same dense GEMM)")
     c = sub.add_parser("collect", help="write the tables and plot from finished runs")
     c.add_argument("--out", default="runs/results")
     a = p.parse_args(argv)
@@ -227,6 +250,8 @@ def main(argv=None) -> int:
         res = collect(a.out)
         print(Path(a.out, "results.md").read_text())
         return 0 if res["rows"] else 1
+    global BACKEND
+    BACKEND = a.backend
     return cmd_run(a)
 
 

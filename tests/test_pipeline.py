@@ -86,7 +86,7 @@ def test_finetune_prune_eval_predict_export(tiny_model_dir, tmp_path, capsys):
 def test_prune_block_movement_no_cap(tiny_model_dir, tmp_path):
     run = tmp_path / "block"
     code = cli.main(["prune", "--model", str(tiny_model_dir), "--method", "block-movement", "--block-size", "32",
-                     "--no-cap", "--sparsity", "0.5", "--max-steps", "6", "--cap-option", "w_kd=0",
+                     "--no-cap", "--sparsity", "0.5", "--max-steps", "6", "--cap-option", "w_kd=0", "--group-by-length",
                      "--output-dir", str(run), *COMMON])
     assert code == 0
     metrics = json.loads((run / "metrics.json").read_text())
