@@ -87,6 +87,14 @@ def backend_availability() -> Dict[str, str]:
             available_backends().items()}
 
 
+def _capsparse_path() -> str:
+    try:
+        import capsparse
+        return str(Path(capsparse.__file__).parent)
+    except Exception as exc:  # noqa: BLE001
+        return f"not importable: {exc}"
+
+
 def environment(device: str = "cpu") -> dict:
     """Everything needed to reproduce a figure."""
     info = {
@@ -102,6 +110,7 @@ def environment(device: str = "cpu") -> dict:
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
         "backends": backend_availability(),
+        "capsparse_path": _capsparse_path(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     return info

@@ -375,7 +375,7 @@ class Step:
 
 
 def group_rows(model_name: str, base: nn.Module, sparsity: float, batch: int, length: int, args, device: str,
-               warmup: int, reps: int, variants=VARIANTS) -> List[dict]:
+               warmup: int, reps: int, variants=VARIANTS, memory: bool = True) -> List[dict]:
     """Builds every variant at ``sparsity``, times them interleaved, then measures memory one by one."""
     common = dict(model=model_name, batch=batch, length=length, sparsity=sparsity)
     steps: Dict[str, Step] = {}
@@ -394,14 +394,17 @@ def group_rows(model_name: str, base: nn.Module, sparsity: float, batch: int, le
         if "error" in r:
             rows.append(dict(common, variant=v, status=H.not_available(r["error"])))
             continue
-        gc.collect()
-        with H.PeakMemory(device) as pm:
-            s.run()
+        peak, method = None, "skipped (--no-memory or quick BERT-base)"
+        if memory:
+            gc.collect()
+            with H.PeakMemory(device) as pm:
+                s.run()
+            peak, method = pm.peak_mb, pm.method
         rows.append(dict(common, variant=v, median_ms=r["median_ms"], min_ms=r["min_ms"], max_ms=r["max_ms"],
                          reps=r["reps"], times_ms=r["times_ms"],
                          speedup_vs_official=H.ratio(base_ms, r["median_ms"]),
                          cost_vs_dense=(r["median_ms"] / dense_ms) if dense_ms else None,
-                         state_mb=s.state_bytes() / 2 ** 20, step_peak_mb=pm.peak_mb, memory_method=pm.method,
+                         state_mb=s.state_bytes() / 2 ** 20, step_peak_mb=peak, memory_method=method,
                          components=s.components, notes="; ".join(s.notes)))
     for s in steps.values():
         s.close()
@@ -451,6 +454,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--n-examples", type=int, default=16384, help="examples in the banks (default 16384)")
     parser.add_argument("--extra-keys", type=int, default=4096, help="extra keys per bank (default 4096)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the extra step that measures peak memory")
     parser.add_argument("--block-score-mode", default="exact", choices=["exact", "fast"],
                         help="capsparse block movement-score gradient (CAPConfig default: exact)")
     args = parser.parse_args(argv)
@@ -471,16 +475,17 @@ def main(argv=None):
             sps = [0.9] if model_name == "bert-base" else [0.0, 0.9]
         else:
             sps = [0.0, 0.5, 0.9, 0.97]
-        m_reps = 1 if (args.quick and model_name == "bert-base" and args.reps is None) else reps
+        quick_big = args.quick and model_name == "bert-base"
+        m_reps = 1 if (quick_big and args.reps is None) else reps
         base = build_model(model_name)
         for s in sps:
             print(f"[train_step] {model_name} sparsity {s} ...", flush=True)
             report.extend(group_rows(model_name, base, s, batch, length, args, device, warmup, m_reps,
-                                          variants=args.variants))
+                                     variants=args.variants, memory=not (args.no_memory or quick_big)))
         del base
         gc.collect()
     if args.quick:
-        report.note(f"quick mode: batch {batch}, length {length}, {reps} reps (BERT-base: 1 rep, 90% only); "
+        report.note(f"quick mode: batch {batch}, length {length}, {reps} reps (BERT-base: 1 rep, 90% only, no memory step); "
                     f"the full mode is batch 32, length 128")
     report.note("speedup_vs_official = official-style median / variant median at the same sparsity (same run, "
                 "interleaved); cost_vs_dense = variant median / dense fine-tune median")
