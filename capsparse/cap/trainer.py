@@ -440,6 +440,8 @@ class CAPTrainer(transformers.Trainer):
         official ``counts_parameters.py``). Embeddings, pooler and head are excluded.
         """
         model = self.model
+        if getattr(self, "_compacted_report", None) is not None:
+            return self._compacted_report
         if self.structured_masks is not None and self.structured_masks._handles:
             global_, per = self.structured_masks.weight_sparsity()
             pruned = sum(frac * model.get_submodule(n).weight.numel() for n, frac in per.items())
@@ -530,7 +532,9 @@ class CAPTrainer(transformers.Trainer):
         """first-order: physically remove the pruned heads / neurons (same logits as the masked model)."""
         if self.structured_masks is None:
             raise ValueError("compact: only method='first-order' has heads/neurons to remove")
+        report = self.sparsity_report()
         removed = compact_model(self.model, self.structured_masks)
+        self._compacted_report = report  # the removed weights are gone: keep the masked model's report
         return removed
 
     def finalize(self) -> None:
