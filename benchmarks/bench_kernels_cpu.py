@@ -146,11 +146,11 @@ def config(args):
     if args.tiny:
         cfg = dict(tokens=64, shapes=["mini_attn_tiny"], sparsities=[0.5, 0.9], blocks=[16, 32], repeats=2, warmup=1)
     elif args.quick:
-        cfg = dict(tokens=4096, shapes=["bert_up", "bert_down", "mini_up"], sparsities=[0.5, 0.9, 0.97],
+        cfg = dict(tokens=4096, shapes=["bert_up", "bert_attn"], sparsities=[0.5, 0.9, 0.97],
                    blocks=[32, 64], repeats=3, warmup=1)
     else:
         cfg = dict(tokens=4096, shapes=list(SHAPES), sparsities=[0.0, 0.5, 0.7, 0.9, 0.97], blocks=[16, 32, 64],
-                   repeats=7, warmup=2)
+                   repeats=5, warmup=1)
     if args.tokens:
         cfg["tokens"] = args.tokens
     if args.shapes:
@@ -166,7 +166,20 @@ def config(args):
     return cfg
 
 
-def run(cfg, bsr: bool, log=print) -> List[dict]:
+def write_rows(rows: List[dict], out_dir: Path, extra: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields: List[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(out_dir / "cpu_kernels.csv", "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=fields)
+        wr.writeheader()
+        wr.writerows(rows)
+    with open(out_dir / "cpu_kernels.json", "w") as fh:
+        json.dump(dict(extra, rows=rows), fh, indent=1)
+
+
+def run(cfg, bsr: bool, log=print, checkpoint=None) -> List[dict]:
     from capsparse.backends import cpu
     shapes = dict(SHAPES, mini_attn_tiny=(64, 128))
     gen = torch.Generator().manual_seed(0)
@@ -216,7 +229,7 @@ def run(cfg, bsr: bool, log=print) -> List[dict]:
 
                 fns["fwdbwd"] = fwdbwd
                 bsr_ms = None
-                if bsr and sp >= 0.5:
+                if bsr and sp >= 0.7:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         mask = bitmap.repeat_interleave(blk, 0).repeat_interleave(blk, 1)
@@ -239,6 +252,8 @@ def run(cfg, bsr: bool, log=print) -> List[dict]:
                                      **r, speedup_vs_dense=sd, speedup_vs_bsr=sb))
                     msg.append(f"{op} {r['ms']:.1f}ms {sd:.2f}x" + (f" (bsr {bsr_ms:.1f}ms, {sb:.2f}x)" if sb else ""))
                 log(f"  b{blk} sp{sp:.2f}: " + " | ".join(msg))
+        if checkpoint is not None:  # partial results survive an interrupted full sweep
+            checkpoint(rows)
     return rows
 
 
@@ -330,18 +345,13 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     print(f"# {info['cpu']} | torch {info['torch']} | threads {info['threads']} | {info['extension']} | "
           f"{info['date']} | git {info['git_sha']}")
     t0 = time.perf_counter()
-    rows = run(cfg, bsr=not args.no_bsr)
-    summary = summarize(rows)
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "cpu_kernels.csv", "w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-        wr.writeheader()
-        wr.writerows(rows)
-    with open(out_dir / "cpu_kernels.json", "w") as fh:
-        json.dump({"machine": info, "config": cfg, "summary": summary, "rows": rows,
-                   "command": "python benchmarks/bench_kernels_cpu.py " + " ".join(argv or sys.argv[1:]),
-                   "seconds": time.perf_counter() - t0}, fh, indent=1)
+    command = "python benchmarks/bench_kernels_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    base = {"machine": info, "config": cfg, "command": command}
+    rows = run(cfg, bsr=not args.no_bsr,
+               checkpoint=lambda rs: write_rows(rs, out_dir, dict(base, partial=True, summary=summarize(rs))))
+    summary = summarize(rows)
+    write_rows(rows, out_dir, dict(base, partial=False, summary=summary, seconds=time.perf_counter() - t0))
     print(table(rows))
     print("crossover sparsity (fwd >= dense on every shape):", summary["crossover_sparsity_fwd"])
     if not args.no_plot:

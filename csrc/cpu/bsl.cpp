@@ -102,26 +102,18 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
 
 #pragma omp parallel num_threads(nthreads)
   {
-    AlignedBuf ap(MT * Kin);
+    AlignedBuf edge(MR * Kin);  // zero-padded copy of a partial last micro-row of tokens
     alignas(64) float tmp[MRMAX * NR];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < nitems; ++w) {
       const int64_t tile = w / ngroups, g = w % ngroups;
       const int64_t t0 = tile * MT, mt = std::min(MT, T - t0);
       const int64_t nmi = (mt + MR - 1) / MR;
-      // pack the token tile: Ap[mi][k][i] = X[t0 + mi*MR + i, k]
-      for (int64_t mi = 0; mi < nmi; ++mi) {
-        float* dst0 = ap.p + mi * Kin * MR;
-        for (int i = 0; i < MR; ++i) {
-          const int64_t t = t0 + mi * MR + i;
-          float* dst = dst0 + i;
-          if (t < T) {
-            const float* src = X + t * Kin;
-            for (int64_t k = 0; k < Kin; ++k) dst[k * MR] = src[k];
-          } else {
-            for (int64_t k = 0; k < Kin; ++k) dst[k * MR] = 0.f;
-          }
-        }
+      const int64_t last_rows = mt - (nmi - 1) * MR;
+      if (last_rows < MR) {
+        const int64_t tl = t0 + (nmi - 1) * MR;
+        std::memcpy(edge.p, X + tl * Kin, last_rows * Kin * sizeof(float));
+        std::memset(edge.p + last_rows * Kin, 0, (MR - last_rows) * Kin * sizeof(float));
       }
       auto tile_op = [&](int64_t o, int64_t s, int64_t mi) {
         const int64_t nb = ptr[o + 1] - ptr[o];
@@ -130,12 +122,11 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
         const float* init = bias ? bias + o * Wd + s * NR : nullptr;
         const int mode = bias ? 2 : 0;
         const int64_t rows = std::min<int64_t>(MR, mt - mi * MR);
-        const float* a = ap.p + mi * Kin * MR;
         float* c = Y + (t0 + mi * MR) * Nout + o * Wd + s * NR;
         if (rows == MR) {
-          kern(nb, ix, L, a, L * MR, MR, strip, L * NR, NR, c, Nout, mode, init);
+          kern(nb, ix, L, X + (t0 + mi * MR) * Kin, L, 1, Kin, strip, L * NR, NR, c, Nout, mode, init);
         } else {
-          kern(nb, ix, L, a, L * MR, MR, strip, L * NR, NR, tmp, NR, mode, init);
+          kern(nb, ix, L, edge.p, L, 1, Kin, strip, L * NR, NR, tmp, NR, mode, init);
           for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * Nout, tmp + i * NR, NR * sizeof(float));
         }
       };
@@ -380,7 +371,7 @@ at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const 
           for (int64_t s = 0; s < nstrips; ++s)
             for (int64_t i0 = 0; i0 < bm; i0 += MRMAX) {
               const int mr = (int)std::min<int64_t>(MRMAX, bm - i0);
-              ukr_for(mr)(1, &zero, tc, GY + t0 * N + r0 + i0, 0, N, X + t0 * K + c0 + s * NR, 0, K,
+              ukr_for(mr)(1, &zero, tc, GY + t0 * N + r0 + i0, 0, N, 1, X + t0 * K + c0 + s * NR, 0, K,
                           GW + (r0 + i0) * K + c0 + s * NR, K, mode, nullptr);
             }
         }

@@ -1,7 +1,8 @@
 // capsparse CPU kernels: a tiny SIMD layer and the register-blocked micro-kernel.
 //
 // The micro-kernel computes an MR x 16 tile of C:
-//   C[i, 0:16] (+)= sum_{q < nb} sum_{p < L} A[idx[q]*a_blk + p*lda + i] * B[q*b_blk + p*ldb + 0:16]
+//   C[i, 0:16] (+)= sum_{q < nb} sum_{p < L} A[idx[q]*a_blk + p*lda + i*a_row] * B[q*b_blk + p*ldb + 0:16]
+// A is read in place (no packing): a_row is the stride between its MR rows.
 // with every output element accumulated by one fused multiply-add chain in ascending (q, p)
 // order, so the result never depends on how the work is split among threads.
 #pragma once
@@ -51,7 +52,7 @@ constexpr int NV = NR / VW;
 // mode 0: start from zero; 1: accumulate into C; 2: start from the 16-vector `init` (bias).
 template <int MR>
 static void ukr(int64_t nb, const int32_t* __restrict idx, int64_t L, const float* __restrict A, int64_t a_blk,
-                int64_t lda, const float* __restrict B, int64_t b_blk, int64_t ldb, float* __restrict C,
+                int64_t lda, int64_t a_row, const float* __restrict B, int64_t b_blk, int64_t ldb, float* __restrict C,
                 int64_t ldc, int mode, const float* __restrict init) {
   vf acc[MR][NV];
   if (mode == 1) {
@@ -81,7 +82,7 @@ static void ukr(int64_t nb, const int32_t* __restrict idx, int64_t L, const floa
       for (int v = 0; v < NV; ++v) bv[v] = vload(b + v * VW);
 #pragma GCC unroll 16
       for (int i = 0; i < MR; ++i) {
-        vf av = vbcast(a + i);
+        vf av = vbcast(a + i * a_row);
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) acc[i][v] = vfma(av, bv[v], acc[i][v]);
       }
@@ -95,7 +96,7 @@ static void ukr(int64_t nb, const int32_t* __restrict idx, int64_t L, const floa
     for (int v = 0; v < NV; ++v) vstore(C + i * ldc + v * VW, acc[i][v]);
 }
 
-typedef void (*ukr_fn)(int64_t, const int32_t*, int64_t, const float*, int64_t, int64_t, const float*, int64_t,
+typedef void (*ukr_fn)(int64_t, const int32_t*, int64_t, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
                        int64_t, float*, int64_t, int, const float*);
 
 static inline ukr_fn ukr_for(int mr) {
@@ -104,8 +105,6 @@ static inline ukr_fn ukr_for(int mr) {
     case 2: return ukr<2>;
     case 3: return ukr<3>;
     case 4: return ukr<4>;
-#if MRMAX > 4 || defined(__AVX2__)
-#endif
     default: break;
   }
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
