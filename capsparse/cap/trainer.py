@@ -582,6 +582,7 @@ def _check_teacher(teacher, model):
                          f"FiC need a teacher fine-tuned on the same task")
     t_map = {str(k): int(v) for k, v in (getattr(t, "label2id", None) or {}).items()}
     s_map = {str(k): int(v) for k, v in (getattr(s, "label2id", None) or {}).items()}
-    if t_map and s_map and t_map != s_map:
+    generic = lambda m: all(k == f"LABEL_{v}" for k, v in m.items())  # noqa: E731 (transformers' default names)
+    if t_map and s_map and not generic(t_map) and not generic(s_map) and t_map != s_map:
         raise ValueError(f"teacher: label2id {t_map} does not match the student's {s_map}; the logits would be "
                          f"compared in a different label order (e.g. MNLI)")
