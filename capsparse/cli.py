@@ -155,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SST-2 training subset size (default 2000; --quick 256)")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher fine-tuning steps (default 60; --quick 8)")
     p.add_argument("--prune-steps", type=int, default=None,
-                   help="pruning steps per method (default 150; --quick 12)")
+                   help="pruning steps per method (default 120; --quick 12)")
     p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity for both pruned models")
-    p.add_argument("--learning-rate", type=float, default=None, help="weight learning rate (default 5e-5)")
+    p.add_argument("--learning-rate", type=float, default=None, help="weight learning rate, teacher and pruning (default 1e-4)")
 
     p = sub.add_parser("predict", formatter_class=_Formatter, help="classify sentences with a model",
                        description="Print the predicted label (and probabilities) for each input.")

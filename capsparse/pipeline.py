@@ -516,9 +516,9 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
     run = RunDir(out, command="demo", sticky=True)
     n_train = o.get("train_examples") or (256 if quick else 2000)
     teacher_steps = o.get("teacher_steps") or (8 if quick else 60)
-    prune_steps = o.get("prune_steps") or (12 if quick else 150)
+    prune_steps = o.get("prune_steps") or (12 if quick else 120)
     n_eval = o.get("max_eval_examples") or (128 if quick else None)
-    lr = o.get("learning_rate") or 5e-5
+    lr = o.get("learning_rate") or 1e-4
     o.update(output_dir=str(out), train_examples=n_train, teacher_steps=teacher_steps, prune_steps=prune_steps)
     run.write_config(o)
     started = time.perf_counter()

@@ -9,8 +9,9 @@ CAP version. Every run is a `capsparse` CLI invocation with its own run director
     python scripts/run_results.py collect --out runs/results
 
 Writes ``<out>/results.md``, ``results.csv``, ``results.json`` and ``accuracy_vs_sparsity.png`` after every run,
-so a partial set still has its tables. Runs go seed by seed (all configurations of seed 0, then seed 1...), each
-baseline right before its CAP version, so that an interrupted set still has matched pairs.
+so a partial set still has its tables. Runs go pair by pair (all seeds of movement-90 and CAP-m-90, then the 97%
+pair, then block), each baseline next to its CAP version (with --jobs 2 they run side by side), so that an
+interrupted set still has complete matched pairs.
 """
 from __future__ import annotations
 
@@ -59,9 +60,16 @@ def budget_flags(a) -> list:
             "--max-train-examples", str(a.train_examples), "--eval-batch-size", "128", "--group-by-length"]
 
 
+def _done(run_dir: Path) -> bool:
+    try:
+        return "eval" in json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def run_one(cmd: list, run_dir: Path, threads: int) -> bool:
     """Run a capsparse command; True when its metrics.json has an eval result afterwards."""
-    if (run_dir / "metrics.json").is_file() and "eval" in json.loads((run_dir / "metrics.json").read_text()):
+    if _done(run_dir):
         log(f"skip {run_dir} (done)")
         return True
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,25 +103,35 @@ def cmd_run(a) -> int:
     teacher_cmd = ["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
                    "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed",
                    str(a.teacher_seed)]
+    # a teacher run still in progress (e.g. from an earlier invocation of this script): wait for it
+    while (teacher_dir / "stdout.log").is_file() and not _done(teacher_dir) \
+            and time.time() - (teacher_dir / "stdout.log").stat().st_mtime < 300:
+        time.sleep(20)
     if not run_one(teacher_cmd, teacher_dir, a.threads * a.jobs):
         return 1
     collect(out)
     teacher_model = teacher_dir / "model"
-    tasks = []  # (cmd, run_dir), seed-major, each baseline right before its CAP version
-    for seed in a.seeds:
-        if seed != a.teacher_seed and a.dense_seeds:
-            tasks.append((["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
-                           "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed",
-                           str(seed)], out / "dense" / f"seed{seed}"))
-        for name in a.configs:
-            _, flags = CONFIGS[name]
-            cmd = ["prune", *budget_flags(a), *flags, "--teacher", str(teacher_model), "--max-steps", str(a.steps),
-                   "--learning-rate", str(a.lr), "--seed", str(seed)]
-            for opt in a.cap_option or []:
-                cmd += ["--cap-option", opt]
-            if name.startswith(("soft", "capsoft")) and a.soft_lambda is not None:
-                cmd += ["--cap-option", f"soft_lambda_final={a.soft_lambda}"]
-            tasks.append((cmd, out / name / f"seed{seed}"))
+    tasks = []  # (cmd, run_dir): pair by pair (all seeds of movement-90 / CAP-m-90 first), baseline then CAP
+    if a.dense_seeds:
+        for seed in a.seeds:
+            if seed != a.teacher_seed:
+                tasks.append((["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
+                               "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed",
+                               str(seed)], out / "dense" / f"seed{seed}"))
+    order = []
+    for i in range(0, len(a.configs), 2):
+        group = a.configs[i:i + 2]
+        for seed in a.seeds:
+            order += [(name, seed) for name in group]
+    for name, seed in order:
+        _, flags = CONFIGS[name]
+        cmd = ["prune", *budget_flags(a), *flags, "--teacher", str(teacher_model), "--max-steps", str(a.steps),
+               "--learning-rate", str(a.lr), "--seed", str(seed)]
+        for opt in a.cap_option or []:
+            cmd += ["--cap-option", opt]
+        if name.startswith(("soft", "capsoft")) and a.soft_lambda is not None:
+            cmd += ["--cap-option", f"soft_lambda_final={a.soft_lambda}"]
+        tasks.append((cmd, out / name / f"seed{seed}"))
     from concurrent.futures import ThreadPoolExecutor
 
     def work(task):
