@@ -64,7 +64,9 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
               int64_t nOut, int64_t L, int64_t Wd, const float* bias, float* Y) {
   const int64_t Nout = nOut * Wd;
   const int MR = MRMAX;
-  const int nthreads = num_threads();
+  // tiny problems run on one thread (same result: the split never changes the summation order)
+  const double work = 2.0 * (double)T * (double)ptr[nOut] * (double)L * (double)Wd;
+  const int nthreads = work < 4e6 ? 1 : num_threads();
   int64_t MT = g_token_tile;
   if (MT <= 0) {
     // keep the packed token tile (MT x Kin floats) around a quarter of a 1 MiB L2
@@ -356,7 +358,7 @@ at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const 
     if (T == 0) return gw;
     int64_t Tc = g_dw_chunk > 0 ? g_dw_chunk : 256;
     const int32_t zero = 0;
-    const int nthreads = num_threads();
+    const int nthreads = 2.0 * (double)T * (double)nnz * (double)(bm * bk) < 4e6 ? 1 : num_threads();
     const int64_t nstrips = bk / NR;
     // fixed assignment of kept blocks to threads (schedule(static) with equal trip counts), so every
     // block accumulates its token chunks in order on one thread without a barrier per chunk
