@@ -91,12 +91,13 @@ def shape_rows(shape_name: str, t: int, sparsities, blocks, device: str, warmup:
         fns.update({label: fn for label, fn in providers.items() if label not in unavailable})
         res = H.measure_interleaved(fns, warmup, reps, device)
         dense_ms = res["dense F.linear"]["median_ms"]
+        dense_min = res["dense F.linear"]["min_ms"]
         for label, r in res.items():
             if "error" in r:
                 rows.append(dict(base, provider=label, status=H.not_available(r["error"])))
                 continue
             rows.append(dict(base, provider=label, **_t(r), speedup=H.ratio(dense_ms, r["median_ms"]),
-                             max_abs_err=errors.get(label)))
+                             speedup_min=H.ratio(dense_min, r["min_ms"]), max_abs_err=errors.get(label)))
         for label, reason in unavailable.items():
             rows.append(dict(base, provider=label, status=H.not_available(reason)))
 
@@ -194,6 +195,7 @@ def plot(report: H.Report, output_dir):
 
 
 COLUMNS = ["shape", "T", "op", "sparsity", "block", "pass_", "provider", "median_ms", "min_ms", "max_ms", "speedup",
+           "speedup_min",
            "max_abs_err", "status"]
 
 
@@ -212,7 +214,7 @@ def main(argv=None):
     sparsities = args.sparsities if args.sparsities is not None else (QUICK_SPARSITIES if args.quick else
                                                                       FULL_SPARSITIES)
     blocks = args.blocks or ([32] if args.quick else [32, 64])
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (5 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else 1
     report = H.Report("kernels", args, device)
     for s in shapes:
