@@ -293,12 +293,8 @@ BAD_INPUTS = {
     "get_backend unknown": (lambda: __import__("capsparse.backends", fromlist=["x"]).get_backend("tpu"), "backend"),
 }
 
-# Bugs found by this census (reported to the lead); strict xfails: they fail loudly once fixed.
-KNOWN_BAD = {
-    "cl exclude_index out of range": "not validated: the cpu backend silently ignores it, the reference backend "
-                                     "raises IndexError without naming the argument",
-    "cl exclude_index below -1": "not validated: -5 is silently treated as 'no exclusion' (the contract says -1)",
-}
+# Bugs found by this census; each is a strict xfail that fails loudly once fixed.
+KNOWN_BAD: dict = {}  # case -> reason; empty: every bad input found so far is handled
 
 
 def _raises_naming(fn, arg):

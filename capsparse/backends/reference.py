@@ -53,6 +53,12 @@ def masked_linear_forward(x, masked_weight, bias):
     return F.linear(x, masked_weight, bias)
 
 
+def _finite_lse(logits):
+    """Row log-sum-exp; a row whose every key is excluded gets 0 instead of -inf (no NaN downstream)."""
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+
+
 def contrastive_losses(q, k, query_ids, key_ids, query_labels, key_labels, exclude_index,
                        temperature: float, normalization: str):
     """Differentiable CAP losses ``(loss_u, loss_s | None)`` on normalised ``q`` and ``k``.
@@ -66,8 +72,7 @@ def contrastive_losses(q, k, query_ids, key_ids, query_labels, key_labels, exclu
     rows = torch.arange(b, device=q.device)
     keep[rows[has_ex], exclude_index[has_ex]] = False
     logits = logits.masked_fill(~keep, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    log_prob = log_prob.masked_fill(~keep, 0.0)
+    log_prob = (logits - _finite_lse(logits)).masked_fill(~keep, 0.0)
 
     def one(positive):
         positive = positive & keep
@@ -99,9 +104,9 @@ def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_
     rows = torch.arange(b, device=q.device)
     keep[rows[has_ex], exclude_index[has_ex]] = False
     logits = logits.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    lse = _finite_lse(logits)
     log_prob = (logits - lse).masked_fill(~keep, 0.0)
-    prob_keys = torch.softmax(logits, dim=1) @ k
+    prob_keys = torch.exp(log_prob).masked_fill(~keep, 0.0) @ k
 
     def one(positive):
         positive = positive & keep

@@ -57,6 +57,15 @@ def _validate(query, keys, query_ids, key_ids, query_labels, key_labels, tempera
         check_tensor("exclude_index", exclude_index, dims=1, dtypes=_INT_DTYPES)
         if exclude_index.shape[0] != b:
             raise ValueError(f"exclude_index: expected shape ({b},), got {tuple(exclude_index.shape)}")
+        n_keys = keys.shape[0]
+        in_range = ((exclude_index >= -1) & (exclude_index < n_keys)).all()
+        if exclude_index.device.type == "cpu":
+            if not bool(in_range):
+                bad = exclude_index[(exclude_index < -1) | (exclude_index >= n_keys)][:5].tolist()
+                raise ValueError(f"exclude_index: expected values in [-1, {n_keys}) (a key index, or -1 for none), "
+                                 f"got {bad}")
+        else:  # no host sync on accelerators
+            torch._assert_async(in_range, f"exclude_index: expected values in [-1, {n_keys})")
 
 
 def cap_contrastive_loss_reference(query, keys, query_ids, key_ids, query_labels=None, key_labels=None,
