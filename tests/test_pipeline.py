@@ -119,3 +119,31 @@ def test_export_from_zeros(tiny_model_dir, tmp_path):
                                    rtol=1e-5, atol=1e-6)
     meta = json.loads((tmp_path / "out" / "capsparse.json").read_text())
     assert 0.05 < meta["sparsity"] < 0.5
+
+
+def test_results_collect_tables_and_plot(tmp_path):
+    """scripts/run_results.py collect: mean/std per configuration, paired CAP - baseline, CSV/JSON/PNG."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_results", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "run_results.py")
+    rr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rr)
+    accs = {"dense": [0.9], "movement-90": [0.80, 0.82, 0.81], "capm-90": [0.82, 0.83, 0.84]}
+    for name, values in accs.items():
+        for seed, acc in enumerate(values):
+            d = tmp_path / name / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({"eval": {"accuracy": acc}, "sparsity": 0.0 if name == "dense"
+                                                        else 0.9, "wall_seconds": 60, "export_bytes": 5e7,
+                                                        "train_steps": 10}))
+    (tmp_path / "capm-90" / "seed3").mkdir()  # unfinished run: ignored
+    res = rr.collect(tmp_path)
+    rows = {r["config"]: r for r in res["rows"]}
+    assert rows["movement-90"]["mean"] == pytest.approx(81.0) and rows["movement-90"]["std"] == pytest.approx(1.0)
+    assert rows["capm-90"]["n_seeds"] == 3
+    (pair,) = res["paired"]
+    assert pair["diff_mean"] == pytest.approx(2.0) and pair["seeds"] == [0, 1, 2]
+    for f in ("results.md", "results.csv", "results.json", "accuracy_vs_sparsity.png"):
+        assert (tmp_path / f).is_file(), f
+    assert "| CAP-m | 90.0% | 83.00 ± 1.00 | 3 |" in (tmp_path / "results.md").read_text()
