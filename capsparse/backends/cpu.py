@@ -23,11 +23,17 @@ import torch.nn.functional as F
 _BUILD_HINT = "capsparse._C is not built; run `pip install -e . --no-build-isolation`"
 
 # Densities (kept blocks / capacity) above which the forward and dX use dense MKL with the masked
-# weight. Measured on the 2-core EPYC dev machine (docs/benchmarks-cpu-kernels.md): the sparse
-# kernels beat MKL's dense sgemm even at density 1 there, so the fallback never triggers (> 1).
-# Override with CAPSPARSE_CPU_DENSE_ABOVE=<density> (one value for every block size).
-DENSE_ABOVE = {16: 1.01, 32: 1.01, 64: 1.01}
-_DEFAULT_DENSE_ABOVE = 1.01
+# weight, per SIMD level of the build and per block size. AVX-512 builds: measured on the 2-core
+# EPYC dev machine (docs/benchmarks-cpu-kernels.md): the sparse kernels beat MKL's dense sgemm even
+# at density 1 there (MKL runs its AVX2 code on AMD), so the fallback never triggers. AVX2 builds
+# run the same kernels at half the vector width: the fallback starts at 50% density (an estimate
+# from the kernels' GFLOP/s, not a measurement). Override with CAPSPARSE_CPU_DENSE_ABOVE=<density>.
+DENSE_ABOVE = {
+    "avx512f": {16: 1.01, 32: 1.01, 64: 1.01},
+    "avx2+fma": {16: 0.5, 32: 0.5, 64: 0.5},
+    "scalar": {16: 0.05, 32: 0.05, 64: 0.05},
+}
+_DEFAULT_DENSE_ABOVE = 0.5
 
 _ext = None
 
@@ -53,7 +59,8 @@ def _dense_above(bm: int, bk: int) -> float:
     env = os.environ.get("CAPSPARSE_CPU_DENSE_ABOVE")
     if env:
         return float(env)
-    return DENSE_ABOVE.get(min(bm, bk), _DEFAULT_DENSE_ABOVE)
+    table = DENSE_ABOVE.get(_C().simd_info().split()[0], {})
+    return table.get(min(bm, bk), _DEFAULT_DENSE_ABOVE)
 
 
 def _bitmap(ptr: torch.Tensor, idx: torch.Tensor, n_other: int) -> torch.Tensor:

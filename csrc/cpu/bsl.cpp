@@ -58,7 +58,10 @@ bool low_precision(at::ScalarType s) { return s == at::kBFloat16 || s == at::kHa
 // fp32 fast path: Y[T, nOut*Wd] = for each output block o: sum_{q in ptr[o]..} A[:, idx[q] block] @ Bp
 // Used for the forward (o = block-row, inner block L = bk, width Wd = bm) and for dX
 // (o = block-column, L = bm, Wd = bk). Bp holds, for output block o, strips of 16 columns:
-// Bp[ptr[o]*L*Wd + s*nb*L*16 + q*L*16 + p*16 + v].
+// Bp[ptr[o]*L*Wd + s*nb*L*16 + q*L*16 + p*16 + v]. The activations X are read in place (no
+// packing: at high sparsity packing the token tile cost more than the products).
+// Work items are (token tile, group of output blocks), scheduled dynamically; groups are only
+// split when there are too few token tiles, balanced by kept-block counts.
 // ---------------------------------------------------------------------------------------------
 void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int32_t* ptr, const int32_t* idx,
               int64_t nOut, int64_t L, int64_t Wd, const float* bias, float* Y) {
@@ -69,8 +72,7 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
   const int nthreads = work < 4e6 ? 1 : num_threads();
   int64_t MT = g_token_tile;
   if (MT <= 0) {
-    // keep the packed token tile (MT x Kin floats) around a quarter of a 1 MiB L2
-    MT = 2 * MR;  // measured best (small tiles keep the output write streams few)
+    MT = 2 * MR;  // measured best on the dev machine (few concurrent output write streams)
   }
   MT = std::max<int64_t>(MR, (MT / MR) * MR);
   // make sure every thread gets work on small T
