@@ -381,10 +381,10 @@ def plt():
     return pyplot
 
 
-def save_figure(fig, report: Report, output_dir) -> Path:
+def save_figure(fig, report: Report, output_dir, top: float = 1.0) -> Path:
     path = report.png_path(output_dir)
     fig.text(0.01, 0.005, report.subtitle(), fontsize=7, color="0.35")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.03, 1, top))
     fig.savefig(path, dpi=110)
     plt().close(fig)
     return path

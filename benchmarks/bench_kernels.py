@@ -171,27 +171,37 @@ def _t(t: dict) -> dict:
 
 def plot(report: H.Report, output_dir):
     pyplot = H.plt()
-    rows = [r for r in report.ok_rows() if r.get("op") in ("block_sparse_linear", "masked_linear")]
+    rows = [r for r in report.ok_rows() if r.get("op") in ("block_sparse_linear", "masked_linear")
+            and r["provider"] != "dense F.linear"]
+    key_of = {}
+    for r in rows:
+        key = r["provider"] if r["block"] in ("elem", "-") else f"{r['provider']} b{r['block']}"
+        key_of[id(r)] = key
+    keys = list(dict.fromkeys(key_of.values()))
+    colors = {k: pyplot.cm.tab10(i % 10) for i, k in enumerate(keys)}
+    metric = "speedup_min" if any(r.get("speedup_min") for r in rows) else "speedup"
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     passes = list(dict.fromkeys(r["pass_"] for r in rows))
-    fig, axes = pyplot.subplots(len(shapes), len(passes), figsize=(4 * len(passes), 2.8 * len(shapes)),
+    fig, axes = pyplot.subplots(len(shapes), len(passes), figsize=(4 * len(passes), 2.8 * len(shapes) + 0.8),
                                 squeeze=False)
     for i, s in enumerate(shapes):
         for j, p in enumerate(passes):
             ax = axes[i][j]
             sel = [r for r in rows if r["shape"] == s and r["pass_"] == p]
-            for key in dict.fromkeys((r["provider"], r["block"]) for r in sel):
-                pts = sorted((r["sparsity"], r["speedup"]) for r in sel if (r["provider"], r["block"]) == key)
-                label = key[0] if key[1] in ("elem", "-") else f"{key[0]} b{key[1]}"
-                ax.plot([100 * a for a, _ in pts], [v for _, v in pts], marker="o", ms=3, label=label)
+            for key in keys:
+                pts = sorted((r["sparsity"], r[metric]) for r in sel if key_of[id(r)] == key and r.get(metric))
+                if pts:
+                    ax.plot([100 * a for a, _ in pts], [v for _, v in pts], marker="o", ms=3, color=colors[key],
+                            label=key)
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_yscale("log")
             ax.set_title(f"{s} {p}", fontsize=9)
             ax.set_xlabel("sparsity %", fontsize=8)
             if j == 0:
-                ax.set_ylabel("speedup vs dense", fontsize=8)
-    axes[0][0].legend(fontsize=6)
-    return H.save_figure(fig, report, output_dir)
+                ax.set_ylabel(f"{metric} vs dense", fontsize=8)
+    handles = [pyplot.Line2D([], [], color=colors[k], marker="o", ms=3, label=k) for k in keys]
+    fig.legend(handles=handles, loc="upper center", ncol=min(4, len(keys)), fontsize=7)
+    return H.save_figure(fig, report, output_dir, top=1 - 0.6 / fig.get_figheight())
 
 
 COLUMNS = ["shape", "T", "op", "sparsity", "block", "pass_", "provider", "median_ms", "min_ms", "max_ms", "speedup",

@@ -483,6 +483,7 @@ def main(argv=None):
             print(f"[train_step] {model_name} sparsity {s} ...", flush=True)
             report.extend(group_rows(model_name, base, s, batch, length, args, device, warmup, m_reps,
                                      variants=args.variants, memory=not (args.no_memory or quick_big)))
+            report.write(args.output_dir)  # partial results survive an interrupted long run
         del base
         gc.collect()
     if args.quick:
