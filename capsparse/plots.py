@@ -6,6 +6,7 @@ matplotlib runs with the non-interactive Agg backend; every function returns the
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
@@ -32,17 +33,21 @@ def _series(log_history: Sequence[dict], key: str):
     return xs, ys
 
 
+_COMPONENT = re.compile(r"^(ce|kd|reg|l1|regularization|(prc|snc|fic)_(u|s))$")
+
+
 def loss_keys(log_history: Sequence[dict]) -> List[str]:
-    """Logged training-loss keys: ``loss`` and any ``*loss*`` component (``loss_ce``, ``loss_kd``, ``loss_u``...),
-    excluding eval losses and summary entries."""
+    """Logged training-loss keys: ``loss``, any ``*loss*`` key and CAPTrainer's components (``ce``, ``kd``,
+    ``prc_u``, ``snc_s``, ``fic_u``...), excluding eval losses and summary entries."""
     keys = []
     for entry in log_history:
         if "train_runtime" in entry:
             continue
         for k, v in entry.items():
-            if "loss" in k and not k.startswith("eval_") and not k.startswith("train_") and isinstance(v, (int, float)):
-                if k not in keys:
-                    keys.append(k)
+            if k.startswith(("eval_", "train_")) or not isinstance(v, (int, float)):
+                continue
+            if ("loss" in k or _COMPONENT.match(k)) and k not in keys:
+                keys.append(k)
     return keys
 
 
@@ -55,7 +60,9 @@ def plot_losses(log_history: Sequence[dict], path: PathLike, title: str = "train
     for key in keys:
         xs, ys = _series(log_history, key)
         if xs:
-            ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=key)
+            ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=key, lw=2.2 if key == "loss" else 1.2)
+    if len(keys) > 2:
+        ax.set_yscale("symlog", linthresh=1e-2)  # CE/KD and contrastive terms differ by orders of magnitude
     evx, evy = _series(log_history, "eval_loss")
     if evx:
         ax.plot(evx, evy, "k--", marker="o", label="eval_loss")
@@ -141,6 +148,7 @@ def plot_accuracy_vs_sparsity(rows: Iterable[Dict], path: PathLike, metric: str 
 def plot_run(log_history: Sequence[dict], output_dir: PathLike, target_sparsity: Optional[float] = None) -> List[Path]:
     """Both per-run plots into ``output_dir`` (``losses.png``, ``sparsity.png``); returns the paths written."""
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     for p in (plot_losses(log_history, out / "losses.png"),
               plot_sparsity(log_history, out / "sparsity.png", target=target_sparsity)):
