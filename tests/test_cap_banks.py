@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from _tiny import tiny_bert
-from capsparse.cap import BankSet, CAPConfig, RECIPES, RepresentationTap, cap_objective, encode_pass, estimate_bank_bytes
+from capsparse.cap import (RECIPES, BankSet, CAPConfig, RepresentationTap, cap_objective, encode_pass,
+                           estimate_bank_bytes)
 from capsparse.cap.banks import MemoryBank
 from capsparse.ops import cap_contrastive_loss_reference
 
@@ -148,11 +149,11 @@ def test_recipes_hold_published_defaults(tmp_path):
     assert "w_s" in str(glue) and CAPConfig.from_dict(glue.to_dict()) == glue
 
 
-@pytest.mark.parametrize("bad,match", [(dict(target_sparsity=1.0), r"\[0, 1\)"), (dict(target_sparsity=-0.1), r"\[0, 1\)"),
-                                       (dict(method="l0"), "method"), (dict(normalization="mean"), "normalization"),
-                                       (dict(banks=("prc", "xyz")), "banks"), (dict(block_size=24, method="block-movement"), "block_size"),
-                                       (dict(block_size=32, method="movement"), "block_size"),
-                                       (dict(representation="max"), "representation")])
+@pytest.mark.parametrize("bad,match", [
+    (dict(target_sparsity=1.0), r"\[0, 1\)"), (dict(target_sparsity=-0.1), r"\[0, 1\)"), (dict(method="l0"), "method"),
+    (dict(normalization="mean"), "normalization"), (dict(banks=("prc", "xyz")), "banks"),
+    (dict(block_size=24, method="block-movement"), "block_size"),
+    (dict(block_size=32, method="movement"), "block_size"), (dict(representation="max"), "representation")])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         CAPConfig(**bad)

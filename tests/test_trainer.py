@@ -114,6 +114,16 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert resumed.banks["snc"].count == full.banks["snc"].count
 
 
+def test_prune_model_convenience(tmp_path):
+    from capsparse.cap import prune_model
+    from capsparse.pruning import SCORE_ATTR
+    model, report = prune_model(tiny_bert(), tiny_dataset(32), tiny_cap_config(target_sparsity=0.5, banks=("prc",)),
+                                output_dir=str(tmp_path), teacher=tiny_bert(seed=1), max_steps=8, use_cpu=True,
+                                per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    assert report["global"] == pytest.approx(0.5, abs=1e-6)
+    assert not any(n.endswith(SCORE_ATTR) for n, _ in model.named_parameters())
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 def test_teacher_label_mismatch(tmp_path):
     with pytest.raises(ValueError, match="num_labels"):
@@ -126,6 +136,7 @@ def test_teacher_label_mismatch(tmp_path):
     student.config.label2id = {"no": 1, "yes": 0}
     with pytest.raises(ValueError, match="label2id"):
         CAPTrainer(student, tiny_args(tmp_path), tiny_cap_config(), tiny_dataset(16), teacher=teacher)
+    CAPTrainer(student, tiny_args(tmp_path), tiny_cap_config(), tiny_dataset(16), teacher=tiny_bert())  # LABEL_i ok
 
 
 def test_dataset_without_idx(tmp_path):

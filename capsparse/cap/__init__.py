@@ -9,11 +9,11 @@ from .config import RECIPE_TRAINING, RECIPES, CAPConfig
 from .losses import RepresentationTap, cap_objective, kd_loss
 
 __all__ = ["CAPConfig", "RECIPES", "RECIPE_TRAINING", "BankSet", "MemoryBank", "encode_pass", "estimate_bank_bytes",
-           "RepresentationTap", "cap_objective", "kd_loss", "CAPTrainer"]
+           "RepresentationTap", "cap_objective", "kd_loss", "CAPTrainer", "prune_model"]
 
 
 def __getattr__(name):
-    if name == "CAPTrainer":
-        from .trainer import CAPTrainer
-        return CAPTrainer
+    if name in ("CAPTrainer", "prune_model"):
+        from . import trainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'capsparse.cap' has no attribute {name!r}")

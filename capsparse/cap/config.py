@@ -23,7 +23,8 @@ class CAPConfig:
     """Configuration of a CAP pruning run. Defaults reproduce the official unstructured GLUE script (CAP-m).
 
     Pruning:
-        method: "magnitude" | "movement" (CAP-m) | "soft-movement" (CAP-soft) | "block-movement" | "first-order" (CAP-f).
+        method: "magnitude" | "movement" (CAP-m) | "soft-movement" (CAP-soft) | "block-movement" |
+            "first-order" (CAP-f).
         target_sparsity: final fraction of encoder-linear weights removed, in [0, 1). Soft movement does
             not set it directly (lambda does); it is then only the reference for the report.
         block_size: block side for "block-movement" (default 32), ``None`` otherwise.

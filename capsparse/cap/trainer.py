@@ -15,13 +15,11 @@ import warnings
 from typing import Optional
 
 import torch
-from torch import nn
 
 import transformers
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..nn.sparse_linear import SparseLinear
 from ..pruning.pruners import SCORE_ATTR, build_pruner
 from ..pruning.schedule import CubicSchedule
 from ..pruning.structured import StructuredMasks, compact_model, prune_count, select_units
@@ -508,9 +506,12 @@ class CAPTrainer(transformers.Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
-            out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             torch.save(self._cap_state(), os.path.join(out, CAP_STATE_NAME))
+        if self.banks is not None and _dist() is not None:  # each process samples its own extras
+            os.makedirs(out, exist_ok=True)
+            torch.save(self.banks.generator.get_state(), os.path.join(out, f"cap_rng_{_rank()}.pt"))
 
     def _load_cap_state(self, checkpoint: str):
         path = os.path.join(checkpoint, CAP_STATE_NAME)
@@ -521,6 +522,9 @@ class CAPTrainer(transformers.Trainer):
         if state["banks"] is not None:
             self.banks = self._allocate_banks(state["bank_reps"])
             self.banks.load_state_dict(state["banks"])
+            rng = os.path.join(checkpoint, f"cap_rng_{_rank()}.pt")
+            if os.path.isfile(rng):
+                self.banks.generator.set_state(torch.load(rng, weights_only=False))
         self.snapshot_epochs = set(state["snapshot_epochs"])
         self.stage = int(state["stage"])
         if self.pruner is not None and state["pruner"] is not None:
@@ -586,3 +590,22 @@ def _check_teacher(teacher, model):
     if t_map and s_map and not generic(t_map) and not generic(s_map) and t_map != s_map:
         raise ValueError(f"teacher: label2id {t_map} does not match the student's {s_map}; the logits would be "
                          f"compared in a different label order (e.g. MNLI)")
+
+
+def prune_model(model, train_dataset, cap_config: Optional[CAPConfig] = None, output_dir: str = "capsparse-prune",
+                teacher=None, eval_dataset=None, compact: bool = True, **training_kwargs):
+    """Convenience: run :class:`CAPTrainer` and return ``(model, sparsity_report)``.
+
+    ``training_kwargs`` go to ``TrainingArguments`` (``output_dir`` given separately). The model comes back
+    finalised (no score parameters or hooks) and, for "first-order" with ``compact=True``, compacted.
+    """
+    cfg = cap_config if cap_config is not None else CAPConfig()
+    training_kwargs.setdefault("report_to", "none")
+    args = transformers.TrainingArguments(output_dir=output_dir, **training_kwargs)
+    trainer = CAPTrainer(model, args, cfg, train_dataset, eval_dataset=eval_dataset, teacher=teacher)
+    trainer.train()
+    report = trainer.sparsity_report()
+    if cfg.structured and compact:
+        trainer.compact()
+    trainer.finalize()
+    return trainer.model, report

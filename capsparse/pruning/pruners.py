@@ -61,8 +61,8 @@ class MovementScoreFunction(torch.autograd.Function):
                 layout = ctx.layout
                 name = resolve_backend(x.device, ctx.layer.backend, op="block movement scores")
                 bm, bk = layout.block_size
-                grad_wp = get_backend(name).bsl_grad_weight(g2.contiguous(), x2.contiguous(), layout.block_rows,
-                                                            layout.block_cols, layout.nnz, bm, bk)
+                grad_wp = get_backend(name).bsl_grad_weight(g2.to(x2.dtype).contiguous(), x2.contiguous(),
+                                                            layout.block_rows, layout.block_cols, layout.nnz, bm, bk)
             else:
                 grad_wp = g2.t().to(weight.dtype) @ x2.to(weight.dtype)
             prod = grad_wp.float() * weight.float()
