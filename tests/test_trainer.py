@@ -68,6 +68,13 @@ def test_soft_movement_reports_reached_sparsity(tmp_path):
     trainer = _run(tmp_path, cfg, max_steps=20)
     report = trainer.last_sparsity_report
     assert report is not None and 0.0 < report["global"] < 1.0
+    layers = [m for m in trainer.model.modules() if hasattr(m, "mask") and hasattr(m, "movement_scores")]
+    measured = 1 - sum(int(m.mask.sum()) for m in layers) / sum(m.mask.numel() for m in layers)
+    assert report["global"] == pytest.approx(measured) and len(layers) == 12
+    for m in layers:  # the last update used the final threshold 0.1, with the 0.5% floor
+        expected = torch.sigmoid(m.movement_scores.detach()) > 0.1
+        if int(expected.sum()) >= int(0.005 * expected.numel()) + 1:
+            assert torch.equal(m.mask, expected)
     assert any("l1" in l for l in trainer.state.log_history)
     cfg = tiny_cap_config(method="soft-movement", target_sparsity=0.9, soft_lambda_final=0.0, banks=("prc",))
     with pytest.warns(UserWarning, match="soft movement"):
