@@ -131,6 +131,25 @@ def test_prune_model_convenience(tmp_path):
     assert not any(n.endswith(SCORE_ATTR) for n, _ in model.named_parameters())
 
 
+def test_structured_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny_cap_config(method="first-order", target_sparsity=0.5, structured_steps=2, epochs_per_step=1,
+                          snapshot_mode="eval")
+
+    def make(out):
+        return CAPTrainer(tiny_bert(), tiny_args(out, max_steps=12, save_strategy="steps", save_steps=4), cfg,
+                          tiny_dataset(32), teacher=tiny_bert(seed=1))
+
+    full = make(tmp_path / "a")
+    full.train()
+    resumed = make(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))   # before the second pruning step
+    assert resumed.stage == 2
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(resumed.banks["snc"].data, full.banks["snc"].data)
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 def test_teacher_label_mismatch(tmp_path):
     with pytest.raises(ValueError, match="num_labels"):

@@ -518,13 +518,13 @@ class CAPTrainer(transformers.Trainer):
         if not os.path.isfile(path):
             raise ValueError(f"resume_from_checkpoint: {checkpoint} has no {CAP_STATE_NAME}; expected a CAPTrainer "
                              f"checkpoint")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
         if state["banks"] is not None:
             self.banks = self._allocate_banks(state["bank_reps"])
             self.banks.load_state_dict(state["banks"])
             rng = os.path.join(checkpoint, f"cap_rng_{_rank()}.pt")
             if os.path.isfile(rng):
-                self.banks.generator.set_state(torch.load(rng, weights_only=False))
+                self.banks.generator.set_state(torch.load(rng, weights_only=True))
         self.snapshot_epochs = set(state["snapshot_epochs"])
         self.stage = int(state["stage"])
         if self.pruner is not None and state["pruner"] is not None:
