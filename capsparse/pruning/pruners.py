@@ -284,9 +284,9 @@ class SoftMovementPruner(_ScorePruner):
             mask = torch.sigmoid(scores) > threshold
             n = scores.numel()
             nb_min = int(self.min_keep * n) + 1  # as the official ThresholdBinarizer
-            if int(mask.sum()) < nb_min:
-                mask = topk_mask(scores, min(1.0, (nb_min + 0.5) / n))
-            layer.set_mask(mask)
+            # the floor's top-k is always formed so that choosing between the two needs no host sync
+            floor = topk_mask(scores, min(1.0, (nb_min + 0.5) / n))
+            layer.set_mask(torch.where(mask.sum() < nb_min, floor, mask))
 
     def regularization(self) -> torch.Tensor:
         terms = [torch.sigmoid(s).sum() / s.numel() for s in self.score_parameters()]
