@@ -41,6 +41,8 @@ class CAPConfig:
             LR warm-up ratio within each step, active heads protected per layer, and a cap on the batches of the
             importance pass (``None`` = the whole training set, as official).
         sparsity_tolerance: allowed |reached - target| at the end of training (RuntimeError beyond it).
+        nan_policy: non-finite loss or gradients: "skip" the optimizer step (raises after 20 in a row) or "stop"
+            with an error naming the parameter and the step (see docs/reliability.md).
     Contrastive (CAP):
         use_cap: add the contrastive modules (False: CE + KD only).
         banks: which of "prc", "snc", "fic" are on.
@@ -77,6 +79,7 @@ class CAPConfig:
     heads_protected: int = 1
     importance_batches: Optional[int] = None
     sparsity_tolerance: float = 0.01
+    nan_policy: str = "skip"
     use_cap: bool = True
     banks: Tuple[str, ...] = BANK_NAMES
     temperature: float = 0.1
@@ -131,6 +134,8 @@ class CAPConfig:
                      "teacher_epochs"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
+        if self.nan_policy not in ("skip", "stop"):
+            raise ValueError(f"nan_policy: expected 'skip' or 'stop', got {self.nan_policy!r}")
         if not isinstance(self.n_extra_keys, int) or self.n_extra_keys < 0:
             raise ValueError(f"n_extra_keys: expected an int >= 0, got {self.n_extra_keys!r}")
         if not isinstance(self.structured_steps, int) or self.structured_steps < 1:

@@ -18,11 +18,14 @@ import torch
 
 import transformers
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..checkpoint import AtomicCheckpointCallback, resolve_resume_checkpoint
+from ..guards import NanGuardCallback
 from ..pruning.pruners import SCORE_ATTR, build_pruner
 from ..pruning.schedule import CubicSchedule
 from ..pruning.structured import StructuredMasks, compact_model, prune_count, select_units
+from ..resources import GracefulStopCallback
 from ..surgery import sparse_layers, sparsify
 from .banks import BankSet, _dist, encode_pass, shard_indices
 from .config import CAPConfig
@@ -133,7 +136,11 @@ class CAPTrainer(transformers.Trainer):
                              else transformers.default_data_collator)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
-                         compute_metrics=compute_metrics, callbacks=[_CAPCallback(self)] + list(callbacks or []))
+                         compute_metrics=compute_metrics,
+                         callbacks=[_CAPCallback(self), NanGuardCallback(policy=cfg.nan_policy),
+                                    GracefulStopCallback()] + list(callbacks or []))
+        # last, so that every other on_save (and our _save_checkpoint) has written before the manifest
+        self.add_callback(AtomicCheckpointCallback())
         self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: let Trainer scale for accumulation
         self.banks: Optional[BankSet] = None
         self.schedule: Optional[CubicSchedule] = None
@@ -472,9 +479,12 @@ class CAPTrainer(transformers.Trainer):
     # -- train / checkpoints -------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint is True or resume_from_checkpoint == "True":
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            # newest checkpoint whose manifest verifies; half-written or corrupted ones are set aside
+            resume_from_checkpoint = resolve_resume_checkpoint(self.args.output_dir, True)
             if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
+                raise ValueError(f"resume_from_checkpoint: no complete checkpoint found in {self.args.output_dir}")
+        elif resume_from_checkpoint:
+            resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)  # verifies, names a bad file
         if resume_from_checkpoint:
             self._load_cap_state(resume_from_checkpoint)
         if self.needs_teacher and self.teacher is None and not self._restored:
