@@ -12,8 +12,9 @@ Protocol (``docs/benchmarks.md``; ``/work/shared/docs/kernels.md`` section 7):
 * peak memory: ``torch.cuda.max_memory_allocated`` on GPU. On CPU the tensor allocator has no
   statistics, so we reset the kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``) and read
   ``VmHWM`` after the run: the figure is the **peak resident set size above the RSS before the run**
-  (it includes allocator caching; ``tracemalloc`` would not see torch tensors at all). Where the mark
-  cannot be reset we fall back to the ``resource.getrusage`` ``ru_maxrss`` delta, which is only
+  (glibc's ``malloc_trim(0)`` runs first so that the entry level is live data; the peak still
+  reflects what the allocator reuses from its cache, so it is a lower bound of the step's transient
+  memory; ``tracemalloc`` would not see torch tensors at all). Where the mark cannot be reset we fall back to the ``resource.getrusage`` ``ru_maxrss`` delta, which is only
   non-zero when the run sets a new process-wide peak; the method used is recorded per row.
 
 Each result row is a plain dict. A case that cannot run here is kept as a row with
@@ -234,6 +235,14 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """``with PeakMemory(device) as pm: ...`` then ``pm.peak_mb`` (peak above the level at entry) and
     ``pm.method`` (how it was measured, see the module docstring)."""
@@ -245,6 +254,7 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
+        _malloc_trim()  # hand freed heap pages back, so the RSS at entry is live data, not allocator cache
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
