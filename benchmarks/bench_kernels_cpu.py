@@ -122,7 +122,8 @@ def machine_info() -> Dict[str, str]:
     return {"cpu": model, "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads()),
             "torch": torch.__version__, "python": platform.python_version(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git_sha": sha,
-            "extension": reason if ok else f"unavailable: {reason}"}
+            "extension": reason if ok else f"unavailable: {reason}",
+            "loadavg_start": " ".join(f"{v:.1f}" for v in os.getloadavg())}
 
 
 def parse_args(argv: Optional[List[str]]):
@@ -139,6 +140,7 @@ def parse_args(argv: Optional[List[str]]):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--no-bsr", action="store_true", help="skip the torch BSR comparison")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the output names: cpu_kernels<tag>.csv (e.g. .t1)")
     return p.parse_args(argv)
 
 
@@ -166,16 +168,16 @@ def config(args):
     return cfg
 
 
-def write_rows(rows: List[dict], out_dir: Path, extra: dict) -> None:
+def write_rows(rows: List[dict], out_dir: Path, extra: dict, tag: str = "") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     fields: List[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    with open(out_dir / "cpu_kernels.csv", "w", newline="") as fh:
+    with open(out_dir / f"cpu_kernels{tag}.csv", "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=fields)
         wr.writeheader()
         wr.writerows(rows)
-    with open(out_dir / "cpu_kernels.json", "w") as fh:
+    with open(out_dir / f"cpu_kernels{tag}.json", "w") as fh:
         json.dump(dict(extra, rows=rows), fh, indent=1)
 
 
@@ -349,17 +351,18 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     command = "python benchmarks/bench_kernels_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     base = {"machine": info, "config": cfg, "command": command}
     rows = run(cfg, bsr=not args.no_bsr,
-               checkpoint=lambda rs: write_rows(rs, out_dir, dict(base, partial=True, summary=summarize(rs))))
+               checkpoint=lambda rs: write_rows(rs, out_dir, dict(base, partial=True, summary=summarize(rs)), args.tag))
     summary = summarize(rows)
-    write_rows(rows, out_dir, dict(base, partial=False, summary=summary, seconds=time.perf_counter() - t0))
+    info["loadavg_end"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    write_rows(rows, out_dir, dict(base, partial=False, summary=summary, seconds=time.perf_counter() - t0), args.tag)
     print(table(rows))
     print("crossover sparsity (fwd >= dense on every shape):", summary["crossover_sparsity_fwd"])
     if not args.no_plot:
         try:
-            plot(rows, out_dir / "cpu_kernels.png")
+            plot(rows, out_dir / f"cpu_kernels{args.tag}.png")
         except ImportError as exc:
             print(f"(no plot: {exc})")
-    print(f"wrote {out_dir}/cpu_kernels.{{csv,json,png}} in {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {out_dir}/cpu_kernels{args.tag}.{{csv,json,png}} in {time.perf_counter() - t0:.0f} s")
     return rows
 
 
