@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-steps", type=int, default=None,
                    help="pruning steps per method (default 120; --quick 12)")
     p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity for both pruned models")
+    p.add_argument("--student-init", choices=("teacher", "pretrained"), default="teacher",
+                   help="start both pruned models from the briefly fine-tuned teacher (a few hundred steps cannot "
+                        "fine-tune and prune from the pre-trained model), or from the pre-trained model as the paper")
     p.add_argument("--learning-rate", type=float, default=None, help="weight learning rate, teacher and pruning (default 1e-4)")
 
     p = sub.add_parser("predict", formatter_class=_Formatter, help="classify sentences with a model",

@@ -543,7 +543,9 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
     for label, cap in (("CAP-m", True), ("movement", False)):
         run_dir = out / ("cap-m" if cap else "movement")
         t0 = time.perf_counter()
-        res = prune(common, output_dir=str(run_dir), teacher=teacher["model_dir"], method="movement", cap=cap,
+        student = teacher["model_dir"] if o.get("student_init", "teacher") == "teacher" else o["model"]
+        res = prune(dict(common, model=student), output_dir=str(run_dir), teacher=teacher["model_dir"],
+                    method="movement", cap=cap,
                     sparsity=o["sparsity"], max_steps=prune_steps, learning_rate=lr, recipe="glue-unstructured",
                     cap_options=o.get("cap_options"))
         rows.append(dict(method=label, sparsity=res["sparsity"], accuracy=res["eval"]["accuracy"],

@@ -125,7 +125,8 @@ def cmd_run(a) -> int:
             order += [(name, seed) for name in group]
     for name, seed in order:
         _, flags = CONFIGS[name]
-        cmd = ["prune", *budget_flags(a), *flags, "--teacher", str(teacher_model), "--max-steps", str(a.steps),
+        student = ["--model", str(teacher_model)] if a.student_init == "teacher" else []
+        cmd = ["prune", *budget_flags(a), *flags, *student, "--teacher", str(teacher_model), "--max-steps", str(a.steps),
                "--learning-rate", str(a.lr), "--seed", str(seed)]
         for opt in a.cap_option or []:
             cmd += ["--cap-option", opt]
@@ -258,6 +259,9 @@ def main(argv=None) -> int:
     r.add_argument("--cap-option", action="append", default=None, help="extra --cap-option for every pruning run")
     r.add_argument("--soft-lambda", type=float, default=None, help="soft_lambda_final for the soft-movement runs")
     r.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    r.add_argument("--student-init", choices=("teacher", "pretrained"), default="teacher",
+                   help="start the pruned students from the fine-tuned teacher (default: a short budget cannot "
+                        "fine-tune and prune from the pre-trained model) or from the pre-trained model (the paper)")
     r.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. --jobs 2 --threads 1 on 2 cores)")
     r.add_argument("--backend", default=None, help="CAPSPARSE_BACKEND for the runs (e.g. reference: no C++ build "
                                                    "needed; training speed is the same dense GEMM)")
