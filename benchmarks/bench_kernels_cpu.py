@@ -40,6 +40,7 @@ SHAPES = {  # name: (in K, out N)
     "mini_down": (1536, 384),
 }
 OPS = ("fwd", "dx", "dw", "fwdbwd")
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all threads)
 
 
 def block_meta(bitmap: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -76,9 +77,9 @@ def timeit(fn, warmup: int, repeats: int) -> Dict[str, float]:
         fn()
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
+        ts.append((CLOCK() - t0) * 1e3)
     return {"ms": statistics.median(ts), "ms_min": min(ts), "ms_max": max(ts)}
 
 
@@ -92,11 +93,11 @@ def timeit_pair(fn, ref, warmup: int, repeats: int):
         ref()
     a, b = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        t1 = time.perf_counter()
+        t1 = CLOCK()
         ref()
-        t2 = time.perf_counter()
+        t2 = CLOCK()
         a.append((t1 - t0) * 1e3)
         b.append((t2 - t1) * 1e3)
     st = lambda v: {"ms": statistics.median(v), "ms_min": min(v), "ms_max": max(v)}  # noqa: E731
@@ -140,6 +141,10 @@ def parse_args(argv: Optional[List[str]]):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--no-bsr", action="store_true", help="skip the torch BSR comparison")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: CPU time of the process (all threads) instead of wall time; for a loaded machine, "
+                        "run with OMP_WAIT_POLICY=passive so waiting threads do not spin")
+    p.add_argument("--ops", default=None, help=f"comma list of {OPS}")
     p.add_argument("--tag", default="", help="suffix of the output names: cpu_kernels<tag>.csv (e.g. .t1)")
     return p.parse_args(argv)
 
@@ -165,6 +170,8 @@ def config(args):
         cfg["repeats"] = args.repeats
     if args.warmup is not None:
         cfg["warmup"] = args.warmup
+    cfg["ops"] = args.ops.split(",") if args.ops else list(OPS)
+    cfg["clock"] = args.clock
     return cfg
 
 
@@ -204,12 +211,11 @@ def run(cfg, bsr: bool, log=print, checkpoint=None) -> List[dict]:
 
         dense_fns = {"fwd": lambda: F.linear(x, w, b), "dx": lambda: gy @ w, "dw": lambda: gy.t() @ x,
                      "fwdbwd": dense_fwdbwd}
-        dense = {op: tm(fn) for op, fn in dense_fns.items()}
+        dense = {op: tm(fn) for op, fn in dense_fns.items() if op in cfg.get("ops", OPS)}
         for op, r in dense.items():
             rows.append(dict(shape=name, K=k, N=n, T=t, block=0, sparsity=0.0, op=op, impl="dense", **r,
                              speedup_vs_dense=1.0, speedup_vs_bsr=None, dense_ms=r["ms"], dense_ms_min=r["ms_min"]))
-        log(f"{name} {k}->{n} T={t}: dense fwd {dense['fwd']['ms']:.1f} ms, dX {dense['dx']['ms']:.1f}, "
-            f"dW {dense['dw']['ms']:.1f}, fwd+bwd {dense['fwdbwd']['ms']:.1f}")
+        log(f"{name} {k}->{n} T={t}: dense " + ", ".join(f"{op} {r['ms']:.1f} ms" for op, r in dense.items()))
         for blk in cfg["blocks"]:
             if n % blk or k % blk:
                 continue
@@ -244,7 +250,7 @@ def run(cfg, bsr: bool, log=print, checkpoint=None) -> List[dict]:
                                      **r, speedup_vs_dense=d["ms"] / r["ms"], speedup_vs_bsr=1.0))
                     bsr_ms = r["ms"]
                 msg = []
-                for op in OPS:
+                for op in cfg.get("ops", OPS):
                     r, d = timeit_pair(fns[op], dense_fns[op], cfg["warmup"], cfg["repeats"])
                     sd = d["ms"] / r["ms"]
                     r["dense_ms"] = d["ms"]
@@ -338,6 +344,8 @@ def plot(rows: List[dict], path: Path) -> None:
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     from capsparse.backends import cpu
     ok, reason = cpu.is_available()
     if not ok:
