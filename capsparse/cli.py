@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("finetune", formatter_class=_Formatter, help="fine-tune a dense model (e.g. a KD teacher)",
-                       description="Fine-tune a dense model on a GLUE task; the result can serve as --teacher for prune.")
+                       description="Fine-tune a dense model on a GLUE task; the result can serve as --teacher for "
+                                   "prune.")
     _add_common(p)
     p.add_argument("--model", default="default",
                    help="model directory or name; 'default' is the bundled all-MiniLM-L6-v2 (6 layers, 384 wide)")
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-init", choices=("teacher", "pretrained"), default="teacher",
                    help="start both pruned models from the briefly fine-tuned teacher (a few hundred steps cannot "
                         "fine-tune and prune from the pre-trained model), or from the pre-trained model as the paper")
-    p.add_argument("--learning-rate", type=float, default=None, help="weight learning rate, teacher and pruning (default 1e-4)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="weight learning rate, teacher and pruning (default 1e-4)")
 
     p = sub.add_parser("predict", formatter_class=_Formatter, help="classify sentences with a model",
                        description="Print the predicted label (and probabilities) for each input.")

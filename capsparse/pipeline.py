@@ -24,7 +24,8 @@ log = get_logger("pipeline")
 DEFAULTS: Dict[str, Any] = dict(
     task="sst2", glue_dir=None, model="default", max_length=128, batch_size=32, eval_batch_size=64,
     max_train_examples=None, max_eval_examples=None, epochs=3.0, max_steps=None, learning_rate=None,
-    warmup_ratio=None, logging_steps=None, eval_during_training=False, group_by_length=False, seed=42, output_dir=None, threads=None,
+    warmup_ratio=None, logging_steps=None, eval_during_training=False, group_by_length=False, seed=42,
+    output_dir=None, threads=None,
     teacher=None, method=None, cap=None, sparsity=None, block_size=None, recipe="glue-unstructured",
     cap_options=None, cap_option=None, split="validation", fp16=False,
 )
@@ -199,7 +200,8 @@ def finetune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
                                      eval_strategy="steps" if o["eval_during_training"] else "no")
     log.info("finetune %s: %d train / %d dev examples, %d steps, lr %g, batch %d, max_length %d", t.name, len(train),
              len(dev), total, lr, o["batch_size"], o["max_length"])
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev if o["eval_during_training"] else None,
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      eval_dataset=dev if o["eval_during_training"] else None,
                       processing_class=tokenizer, data_collator=make_collator(tokenizer),
                       compute_metrics=make_compute_metrics(t.name), callbacks=[_ConsoleLogCallback()])
     train_out = trainer.train()
@@ -212,6 +214,7 @@ def finetune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
     result = run.update_metrics(command="finetune", task=t.name, eval=metrics, train_loss=train_out.training_loss,
                                 train_steps=trainer.state.global_step, train_examples=len(train),
                                 train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
+                                cpu_seconds=time.process_time(),
                                 model_dir=str(model_dir), plots=plots)
     log.info("finetune done: %s %s = %.4f (dev, %d examples), model in %s, %.0f s", t.name, metrics["main_metric"],
              metrics[metrics["main_metric"]], metrics["num_examples"], model_dir, time.perf_counter() - started)
@@ -241,7 +244,8 @@ def build_cap_config(o: Dict[str, Any], has_teacher: bool):
         updates["block_size"] = int(o["block_size"])
     for key, value in (o.get("cap_options") or {}).items():
         if key not in fields:
-            raise ValueError(f"--cap-option: unknown CAPConfig field {key!r}; known fields: {', '.join(sorted(fields))}")
+            raise ValueError(f"--cap-option: unknown CAPConfig field {key!r}; known fields: "
+                             f"{', '.join(sorted(fields))}")
         updates[key] = value
     unknown = [k for k in updates if k not in fields]
     if unknown:
@@ -350,6 +354,7 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
         target_sparsity=getattr(cap_config, "target_sparsity", None), sparsity=report.get("global"),
         sparsity_report=report, eval=metrics, train_loss=train_out.training_loss, train_steps=trainer.state.global_step,
         train_examples=len(train), train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
+        cpu_seconds=time.process_time(),
         export_dir=str(export_dir), export_bytes=meta["file_bytes"], dense_bytes=meta["dense_bytes"], plots=plots,
         teacher=o["teacher"], compacted=compacted)
     log.info("prune done: %s at sparsity %.4f: %s %s = %.4f; export %s (%.1f MB, dense %.1f MB); %.0f s", label,
@@ -500,7 +505,8 @@ FULL_RECIPE_HINT = """\
 Full-size recipe (BERT-base, GPU; the paper's settings, cap-method.md section 4):
   capsparse finetune --model bert-base-uncased --task mnli --epochs 3 --max-length 128 --output-dir runs/mnli-teacher
   capsparse prune --model bert-base-uncased --teacher runs/mnli-teacher/model --task mnli --recipe glue-unstructured \\
-      --method movement --cap --sparsity 0.97 --epochs 10 --batch-size 32 --max-length 128 --output-dir runs/mnli-capm-97
+      --method movement --cap --sparsity 0.97 --epochs 10 --batch-size 32 --max-length 128 \\
+      --output-dir runs/mnli-capm-97
 (needs the MNLI files in --glue-dir; paper target: CAP at 97% keeps 96.3% of BERT-base on MNLI, about 80-81 m-acc)"""
 
 
@@ -554,16 +560,19 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
     total = time.perf_counter() - started
     lines = ["| method | sparsity | SST-2 dev acc | file size | wall time |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['sparsity']:.1f}% | {100 * r['accuracy']:.2f} | {_fmt_mb(r['bytes'])} "
+        lines.append(f"| {r['method']} | {100 * r['sparsity']:.1f}% | {100 * r['accuracy']:.2f} | "
+                     f"{_fmt_mb(r['bytes'])} "
                      f"| {r['wall']:.0f} s |")
     table = "\n".join(lines)
     (out / "demo_table.md").write_text(table + "\n")
-    run.update_metrics(command="demo", rows=rows, wall_seconds=total, quick=quick, machine=machine_info(),
+    run.update_metrics(command="demo", rows=rows, wall_seconds=total, cpu_seconds=time.process_time(), quick=quick,
+                       machine=machine_info(),
                        budget=dict(train_examples=n_train, teacher_steps=teacher_steps, prune_steps=prune_steps,
                                    max_length=o["max_length"], batch_size=o["batch_size"], eval_examples=n_eval))
     print()
     print(table)
-    print(f"\ndemo wall time: {total / 60:.1f} min; runs in {out}/ (config.json, metrics.json, run.log, PNG plots, "
+    print(f"\ndemo wall time: {total / 60:.1f} min (CPU time {time.process_time() / 60:.1f} min); runs in {out}/ "
+          f"(config.json, metrics.json, run.log, PNG plots, "
           f"compressed exports)")
     if quick:
         print("(--quick: a smoke run, the numbers are not meaningful)")

@@ -126,8 +126,8 @@ def cmd_run(a) -> int:
     for name, seed in order:
         _, flags = CONFIGS[name]
         student = ["--model", str(teacher_model)] if a.student_init == "teacher" else []
-        cmd = ["prune", *budget_flags(a), *flags, *student, "--teacher", str(teacher_model), "--max-steps", str(a.steps),
-               "--learning-rate", str(a.lr), "--seed", str(seed)]
+        cmd = ["prune", *budget_flags(a), *flags, *student, "--teacher", str(teacher_model),
+               "--max-steps", str(a.steps), "--learning-rate", str(a.lr), "--seed", str(seed)]
         for opt in a.cap_option or []:
             cmd += ["--cap-option", opt]
         if name.startswith(("soft", "capsoft")) and a.soft_lambda is not None:

@@ -71,7 +71,8 @@ def test_finetune_prune_eval_predict_export(tiny_model_dir, tmp_path, capsys):
     assert ev["sparsity"] == pytest.approx(metrics["sparsity"], abs=1e-6)
 
     capsys.readouterr()
-    assert cli.main(["predict", "--model", str(export_dir), "--text", "a great movie", "--text", "awful", "--json"]) == 0
+    assert cli.main(["predict", "--model", str(export_dir), "--text", "a great movie", "--text", "awful",
+                     "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 2 and {"label", "probabilities"} <= set(lines[0])
 
