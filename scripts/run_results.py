@@ -72,6 +72,10 @@ def run_one(cmd: list, run_dir: Path, threads: int) -> bool:
     if _done(run_dir):
         log(f"skip {run_dir} (done)")
         return True
+    log_file = run_dir / "stdout.log"
+    if log_file.is_file() and time.time() - log_file.stat().st_mtime < 240:
+        log(f"skip {run_dir} (in progress in another process: {log_file} was written in the last 4 minutes)")
+        return False
     run_dir.mkdir(parents=True, exist_ok=True)
     full = [sys.executable, "-m", "capsparse", *cmd, "--output-dir", str(run_dir), "--threads", str(threads)]
     (run_dir / "command.txt").write_text(shlex.join(full) + "\n")
