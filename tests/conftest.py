@@ -1,9 +1,15 @@
 import os
 import random
 
-import numpy as np
-import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and any test module may import it first: without
+# a GPU, run the Triton kernels on CPU tensors through the interpreter for the whole session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
