@@ -4,7 +4,8 @@ Protocol (``docs/benchmarks.md``; ``/work/shared/docs/kernels.md`` section 7):
 
 * ``torch.set_num_threads`` is pinned (default 2) before anything is timed;
 * every case gets warm-up runs, then ``reps`` timed runs; we report the **median** with the **min**
-  and **max**, and every speed figure is a **ratio against a baseline measured in the same run**;
+  and **max** (wall clock), plus ``cpu_ms``, the median process CPU time per run (all threads; robust to
+  preemption on a loaded machine, but it counts OpenMP spin-waiting and hides parallel speedup), and every speed figure is a **ratio against a baseline measured in the same run**;
 * on CUDA the runs are timed with CUDA events and the L2 cache is flushed before each run (a
   256 MB buffer is zeroed, as ``triton.testing.do_bench`` does); on CPU ``time.perf_counter``;
 * the machine (``lscpu`` model name), torch / transformers versions, git sha, thread count and date go
@@ -157,10 +158,11 @@ def measure(fn: Callable[[], object], warmup: int = 1, reps: int = 5, device: st
         fn()
     if cuda:
         torch.cuda.synchronize()
-    times = []
+    times, cpu_times = [], []
     for _ in range(reps):
         if setup_fn is not None:
             setup_fn()
+        c0 = time.process_time()
         if cuda:
             if flush_l2:
                 flush_gpu_cache()
@@ -174,8 +176,9 @@ def measure(fn: Callable[[], object], warmup: int = 1, reps: int = 5, device: st
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        cpu_times.append((time.process_time() - c0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps,
-            "times_ms": [round(t, 4) for t in times]}
+            "cpu_ms": statistics.median(cpu_times), "times_ms": [round(t, 4) for t in times]}
 
 
 def measure_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, reps: int = 5, device: str = "cpu",
@@ -197,13 +200,15 @@ def measure_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 1, r
             results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
             del live[name]
     times: Dict[str, List[float]] = {name: [] for name in live}
+    cpu: Dict[str, List[float]] = {name: [] for name in live}
     for _ in range(reps):
         for name, fn in live.items():
             t = measure(fn, warmup=0, reps=1, device=device, flush_l2=flush_l2, setup_fn=setup_fns.get(name))
             times[name].append(t["median_ms"])
+            cpu[name].append(t["cpu_ms"])
     for name, ts in times.items():
         results[name] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "reps": reps,
-                         "times_ms": [round(t, 4) for t in ts]}
+                         "cpu_ms": statistics.median(cpu[name]), "times_ms": [round(t, 4) for t in ts]}
     return results
 
 

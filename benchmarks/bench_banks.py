@@ -88,7 +88,8 @@ def plot(report: H.Report, output_dir):
     return H.save_figure(fig, report, output_dir)
 
 
-COLUMNS = ["N", "D", "batch", "provider", "median_ms", "min_ms", "max_ms", "speedup", "speedup_min", "copied_gb", "status"]
+COLUMNS = ["N", "D", "batch", "provider", "median_ms", "min_ms", "max_ms", "speedup", "speedup_min", "cpu_ms", "speedup_cpu",
+           "copied_gb", "status"]
 
 
 def main(argv=None):
@@ -139,7 +140,9 @@ def main(argv=None):
                                                                                                             dim=-1))
             report.add(**row, median_ms=r["median_ms"], min_ms=r["min_ms"], max_ms=r["max_ms"], reps=r["reps"],
                        times_ms=r["times_ms"], speedup=H.ratio(cat_ms, r["median_ms"]),
-                       speedup_min=H.ratio(res["per-batch torch.cat (official)"]["min_ms"], r["min_ms"]), copied_gb=copied.get(name),
+                       speedup_min=H.ratio(res["per-batch torch.cat (official)"]["min_ms"], r["min_ms"]),
+                       cpu_ms=r["cpu_ms"], speedup_cpu=H.ratio(res["per-batch torch.cat (official)"]["cpu_ms"],
+                                                               r["cpu_ms"]), copied_gb=copied.get(name),
                        same_contents=bool(ok))
         if reason is not None:
             report.na(reason, N=n, D=d, batch=b, provider="capsparse encode_pass + MemoryBank.write")

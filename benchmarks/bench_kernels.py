@@ -97,7 +97,8 @@ def shape_rows(shape_name: str, t: int, sparsities, blocks, device: str, warmup:
                 rows.append(dict(base, provider=label, status=H.not_available(r["error"])))
                 continue
             rows.append(dict(base, provider=label, **_t(r), speedup=H.ratio(dense_ms, r["median_ms"]),
-                             speedup_min=H.ratio(dense_min, r["min_ms"]), max_abs_err=errors.get(label)))
+                             speedup_min=H.ratio(dense_min, r["min_ms"]), cpu_ms=r["cpu_ms"],
+                             speedup_cpu=H.ratio(res["dense F.linear"]["cpu_ms"], r["cpu_ms"]), max_abs_err=errors.get(label)))
         for label, reason in unavailable.items():
             rows.append(dict(base, provider=label, status=H.not_available(reason)))
 
@@ -205,7 +206,7 @@ def plot(report: H.Report, output_dir):
 
 
 COLUMNS = ["shape", "T", "op", "sparsity", "block", "pass_", "provider", "median_ms", "min_ms", "max_ms", "speedup",
-           "speedup_min",
+           "speedup_min", "speedup_cpu",
            "max_abs_err", "status"]
 
 
