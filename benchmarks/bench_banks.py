@@ -141,8 +141,8 @@ def main(argv=None):
             report.add(**row, median_ms=r["median_ms"], min_ms=r["min_ms"], max_ms=r["max_ms"], reps=r["reps"],
                        times_ms=r["times_ms"], speedup=H.ratio(cat_ms, r["median_ms"]),
                        speedup_min=H.ratio(res["per-batch torch.cat (official)"]["min_ms"], r["min_ms"]),
-                       cpu_ms=r["cpu_ms"], speedup_cpu=H.ratio(res["per-batch torch.cat (official)"]["cpu_ms"],
-                                                               r["cpu_ms"]), copied_gb=copied.get(name),
+                       cpu_ms=r.get("cpu_ms"), speedup_cpu=H.ratio(res["per-batch torch.cat (official)"].get("cpu_ms"),
+                                                               r.get("cpu_ms")), copied_gb=copied.get(name),
                        same_contents=bool(ok))
         if reason is not None:
             report.na(reason, N=n, D=d, batch=b, provider="capsparse encode_pass + MemoryBank.write")
