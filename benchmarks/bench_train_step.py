@@ -374,39 +374,67 @@ class Step:
                 pass
 
 
+def _memory_and_state(s: "Step", device: str, memory: bool):
+    peak, method = None, "skipped (--no-memory or quick BERT-base)"
+    if memory:
+        gc.collect()
+        with H.PeakMemory(device) as pm:
+            s.run()
+        peak, method = pm.peak_mb, pm.method
+    return s.state_bytes() / 2 ** 20, peak, method, s.components, "; ".join(s.notes)
+
+
 def group_rows(model_name: str, base: nn.Module, sparsity: float, batch: int, length: int, args, device: str,
-               warmup: int, reps: int, variants=VARIANTS, memory: bool = True) -> List[dict]:
-    """Builds every variant at ``sparsity``, times them interleaved, then measures memory one by one."""
+               warmup: int, reps: int, variants=VARIANTS, memory: bool = True, sequential: bool = False) -> List[dict]:
+    """Builds every variant at ``sparsity``, times them interleaved (or one at a time with ``sequential``),
+    then measures memory one by one."""
     common = dict(model=model_name, batch=batch, length=length, sparsity=sparsity)
     steps: Dict[str, Step] = {}
     rows = []
-    for v in variants:
+
+    def build(v):
         try:
-            steps[v] = Step(v, base, sparsity, batch, length, args.n_examples, base.config.vocab_size,
-                            args.block_score_mode, args.extra_keys)
+            return Step(v, base, sparsity, batch, length, args.n_examples, base.config.vocab_size,
+                        args.block_score_mode, args.extra_keys)
         except Exception as exc:  # noqa: BLE001
             rows.append(dict(common, variant=v, status=H.not_available(f"{type(exc).__name__}: {exc}")))
-    res = H.measure_interleaved({v: s.run for v, s in steps.items()}, warmup, reps, device)
+            return None
+
+    res, meta = {}, {}
+    if sequential:
+        # one variant resident at a time (BERT-base: four students, a teacher and scores do not fit together)
+        for v in variants:
+            s = build(v)
+            if s is None:
+                continue
+            res[v] = H.measure_interleaved({v: s.run}, warmup, reps, device)[v]
+            if "error" not in res[v]:
+                meta[v] = _memory_and_state(s, device, memory)
+            s.close()
+            del s
+            gc.collect()
+    else:
+        for v in variants:
+            s = build(v)
+            if s is not None:
+                steps[v] = s
+        res = H.measure_interleaved({v: s.run for v, s in steps.items()}, warmup, reps, device)
+        meta = {v: _memory_and_state(s, device, memory) for v, s in steps.items() if "error" not in res[v]}
     base_ms = res.get("official-style", {}).get("median_ms")
     dense_ms = res.get("dense fine-tune", {}).get("median_ms")
-    for v, s in steps.items():
+    for v in res:
         r = res[v]
         if "error" in r:
             rows.append(dict(common, variant=v, status=H.not_available(r["error"])))
             continue
-        peak, method = None, "skipped (--no-memory or quick BERT-base)"
-        if memory:
-            gc.collect()
-            with H.PeakMemory(device) as pm:
-                s.run()
-            peak, method = pm.peak_mb, pm.method
+        state_mb, peak, method, components, notes = meta[v]
         rows.append(dict(common, variant=v, median_ms=r["median_ms"], min_ms=r["min_ms"], max_ms=r["max_ms"],
                          reps=r["reps"], times_ms=r["times_ms"],
                          speedup_vs_official=H.ratio(base_ms, r["median_ms"]),
                          speedup_min_vs_official=H.ratio(res.get("official-style", {}).get("min_ms"), r["min_ms"]),
                          cost_vs_dense=(r["median_ms"] / dense_ms) if dense_ms else None,
-                         state_mb=s.state_bytes() / 2 ** 20, step_peak_mb=peak, memory_method=method,
-                         components=s.components, notes="; ".join(s.notes)))
+                         state_mb=state_mb, step_peak_mb=peak, memory_method=method,
+                         components=components, notes=notes, timing="sequential" if sequential else "interleaved"))
     for s in steps.values():
         s.close()
     steps.clear()
@@ -455,6 +483,9 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--n-examples", type=int, default=16384, help="examples in the banks (default 16384)")
     parser.add_argument("--extra-keys", type=int, default=4096, help="extra keys per bank (default 4096)")
+    parser.add_argument("--sequential", default="auto", choices=["auto", "yes", "no"],
+                        help="time one variant at a time (auto: yes for bert-base, whose variants do not fit in "
+                             "memory together), else interleaved")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra step that measures peak memory")
     parser.add_argument("--block-score-mode", default="exact", choices=["exact", "fast"],
                         help="capsparse block movement-score gradient (CAPConfig default: exact)")
@@ -482,15 +513,18 @@ def main(argv=None):
         for s in sps:
             print(f"[train_step] {model_name} sparsity {s} ...", flush=True)
             report.extend(group_rows(model_name, base, s, batch, length, args, device, warmup, m_reps,
-                                     variants=args.variants, memory=not (args.no_memory or quick_big)))
+                                     variants=args.variants, memory=not (args.no_memory or quick_big),
+                                     sequential=args.sequential == "yes" or (args.sequential == "auto"
+                                                                             and model_name == "bert-base")))
             report.write(args.output_dir)  # partial results survive an interrupted long run
         del base
         gc.collect()
     if args.quick:
         report.note(f"quick mode: batch {batch}, length {length}, {reps} reps (BERT-base: 1 rep, 90% only, no memory step); "
                     f"the full mode is batch 32, length 128")
-    report.note("speedup_vs_official = official-style median / variant median at the same sparsity (same run, "
-                "interleaved); cost_vs_dense = variant median / dense fine-tune median")
+    report.note("speedup_vs_official = official-style median / variant median at the same sparsity (same run; "
+                "interleaved, or one variant at a time where the row says timing=sequential); "
+                "cost_vs_dense = variant median / dense fine-tune median")
     report.note("state_mb: resident tensors (params, grads, AdamW moments, scores, teacher, banks, cached logits); "
                 "step_peak_mb: peak above the pre-step level during one step (see memory_method)")
     comps = {r.get("components") for r in report.ok_rows() if r.get("components")}
