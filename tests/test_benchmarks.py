@@ -135,6 +135,16 @@ def test_train_step_tiny(tmp_path):
     assert rows["official-style"]["speedup_vs_official"] == 1.0
 
 
+def test_train_step_sequential_tiny(tmp_path):
+    mod = load("bench_train_step")
+    report = mod.main(["--models", "tiny", "--batch", "2", "--length", "8", "--sparsities", "0.9", "--n-examples",
+                       "300", "--extra-keys", "64", "--reps", "1", "--warmup", "0", "--sequential", "yes",
+                       "--variants", "official-style", "dense fine-tune", "--no-plot", "--output-dir", str(tmp_path)])
+    rows = {r["variant"]: r for r in report.rows}
+    assert set(rows) == {"official-style", "dense fine-tune"}
+    assert all(r["timing"] == "sequential" and r["status"] == "ok" for r in rows.values())
+
+
 def test_official_topk_and_capsparse_masks_agree_on_sparsity():
     mod = load("bench_train_step")
     model = mod.build_model("tiny")
