@@ -40,12 +40,14 @@ CONFIGS = {
                                            "--sparsity", "0.9"]),
     "capblock-90": ("CAP + block movement (32x32)", ["--method", "block-movement", "--block-size", "32", "--cap",
                                                     "--sparsity", "0.9"]),
+    "magnitude-90": ("magnitude", ["--method", "magnitude", "--no-cap", "--sparsity", "0.9"]),
+    "capmag-90": ("CAP + magnitude", ["--method", "magnitude", "--cap", "--sparsity", "0.9"]),
     "soft-90": ("soft movement", ["--method", "soft-movement", "--no-cap", "--sparsity", "0.9"]),
     "capsoft-90": ("CAP-soft", ["--method", "soft-movement", "--cap", "--sparsity", "0.9"]),
 }
 DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "block-90", "capblock-90"]
 PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("block-90", "capblock-90"),
-         ("soft-90", "capsoft-90")]
+         ("soft-90", "capsoft-90"), ("magnitude-90", "capmag-90")]
 
 
 BACKEND = None  # CAPSPARSE_BACKEND for the runs (--backend)
