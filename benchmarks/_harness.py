@@ -5,7 +5,8 @@ Protocol (``docs/benchmarks.md``; ``/work/shared/docs/kernels.md`` section 7):
 * ``torch.set_num_threads`` is pinned (default 2) before anything is timed;
 * every case gets warm-up runs, then ``reps`` timed runs; we report the **median** with the **min**
   and **max** (wall clock), plus ``cpu_ms``, the median process CPU time per run (all threads; robust to
-  preemption on a loaded machine, but it counts OpenMP spin-waiting and hides parallel speedup), and every speed figure is a **ratio against a baseline measured in the same run**;
+  preemption on a loaded machine, but it counts OpenMP spin-waiting and hides parallel speedup), and
+  every speed figure is a **ratio against a baseline measured in the same run**;
 * on CUDA the runs are timed with CUDA events and the L2 cache is flushed before each run (a
   256 MB buffer is zeroed, as ``triton.testing.do_bench`` does); on CPU ``time.perf_counter``;
 * the machine (``lscpu`` model name), torch / transformers versions, git sha, thread count and date go
@@ -15,8 +16,8 @@ Protocol (``docs/benchmarks.md``; ``/work/shared/docs/kernels.md`` section 7):
   ``VmHWM`` after the run: the figure is the **peak resident set size above the RSS before the run**
   (glibc's ``malloc_trim(0)`` runs first so that the entry level is live data; the peak still
   reflects what the allocator reuses from its cache, so it is a lower bound of the step's transient
-  memory; ``tracemalloc`` would not see torch tensors at all). Where the mark cannot be reset we fall back to the ``resource.getrusage`` ``ru_maxrss`` delta, which is only
-  non-zero when the run sets a new process-wide peak; the method used is recorded per row.
+  memory; ``tracemalloc`` would not see torch tensors at all). Where the mark cannot be reset we fall
+  back to the ``resource.getrusage`` ``ru_maxrss`` delta, which is only non-zero when the run sets a new process-wide peak; the method used is recorded per row.
 
 Each result row is a plain dict. A case that cannot run here is kept as a row with
 ``status = "not available: <reason>"`` instead of failing the benchmark.

@@ -88,7 +88,8 @@ def plot(report: H.Report, output_dir):
     return H.save_figure(fig, report, output_dir)
 
 
-COLUMNS = ["N", "D", "batch", "provider", "median_ms", "min_ms", "max_ms", "speedup", "speedup_min", "cpu_ms", "speedup_cpu",
+COLUMNS = ["N", "D", "batch", "provider", "median_ms", "min_ms", "max_ms", "speedup", "speedup_min", "cpu_ms",
+           "speedup_cpu",
            "copied_gb", "status"]
 
 

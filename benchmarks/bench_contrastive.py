@@ -163,7 +163,8 @@ def plot(report: H.Report, output_dir):
     return H.save_figure(fig, report, output_dir)
 
 
-COLUMNS = ["B", "D", "K", "provider", "median_ms", "min_ms", "max_ms", "speedup", "speedup_min", "speedup_cpu", "max_abs_err",
+COLUMNS = ["B", "D", "K", "provider", "median_ms", "min_ms", "max_ms", "speedup", "speedup_min", "speedup_cpu",
+           "max_abs_err",
            "status"]
 
 

@@ -98,7 +98,8 @@ def shape_rows(shape_name: str, t: int, sparsities, blocks, device: str, warmup:
                 continue
             rows.append(dict(base, provider=label, **_t(r), speedup=H.ratio(dense_ms, r["median_ms"]),
                              speedup_min=H.ratio(dense_min, r["min_ms"]), cpu_ms=r["cpu_ms"],
-                             speedup_cpu=H.ratio(res["dense F.linear"]["cpu_ms"], r["cpu_ms"]), max_abs_err=errors.get(label)))
+                             speedup_cpu=H.ratio(res["dense F.linear"]["cpu_ms"], r["cpu_ms"]),
+                             max_abs_err=errors.get(label)))
         for label, reason in unavailable.items():
             rows.append(dict(base, provider=label, status=H.not_available(reason)))
 

@@ -34,7 +34,7 @@ import copy
 import gc
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -520,7 +520,8 @@ def main(argv=None):
         del base
         gc.collect()
     if args.quick:
-        report.note(f"quick mode: batch {batch}, length {length}, {reps} reps (BERT-base: 1 rep, 90% only, no memory step); "
+        report.note(f"quick mode: batch {batch}, length {length}, {reps} reps "
+                    f"(BERT-base: 1 rep, 90% only, no memory step); "
                     f"the full mode is batch 32, length 128")
     report.note("speedup_vs_official = official-style median / variant median at the same sparsity (same run; "
                 "interleaved, or one variant at a time where the row says timing=sequential); "
