@@ -192,8 +192,18 @@ def test_run_all_orchestrates_suites(tmp_path, monkeypatch):
     assert (tmp_path / "summary-quick.json").exists()
 
 
+def test_bench_all_delegates_to_run_all(tmp_path, monkeypatch):
+    run_all = load("run_all")
+    monkeypatch.setitem(sys.modules, "run_all", run_all)
+    seen = []
+    monkeypatch.setattr(run_all, "load_suite", lambda name: type("S", (), {"main": staticmethod(seen.append)}))
+    mod = load("bench_all")
+    assert mod.main(["--suites", "banks", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert seen and "--quick" in seen[0]
+
+
 def test_every_suite_has_main_with_quick_and_output_dir():
-    for name in ("kernels", "contrastive", "train_step", "inference", "banks"):
+    for name in ("kernels", "contrastive", "train_step", "inference", "banks", "all"):
         source = (BENCH / f"bench_{name}.py").read_text()
         assert "def main(argv=None)" in source
     H = load("_harness")
