@@ -409,7 +409,8 @@ def save_figure(fig, report: Report, output_dir, top: float = 1.0) -> Path:
 # -- command line ---------------------------------------------------------------------------------
 def base_parser(description: str, reps: int = 5, warmup: int = 1) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="small configuration (see benchmarks/README.md for measured suite times)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small configuration (see benchmarks/README.md for measured suite times)")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR,
                         help="where CSV/JSON/PNG go (default benchmarks/results)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
