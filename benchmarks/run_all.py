@@ -1,6 +1,6 @@
 """Runs every capsparse benchmark suite in one process and writes a summary.
 
-    python benchmarks/run_all.py --quick                  # whole suite (518 s measured on 2 loaded vCPUs)
+    python benchmarks/run_all.py --quick                  # whole suite in quick mode (BERT-base train step only in full mode)
     python benchmarks/run_all.py                          # full mode of every suite (about an hour on 2 cores)
     python benchmarks/run_all.py --suites kernels banks   # a subset
 
