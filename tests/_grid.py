@@ -39,3 +39,26 @@ def assert_within_torch_error(candidate, torch_same_dtype, fp64_reference, floor
     scale = ref.abs().max().clamp(min=1.0).item()
     bound = 2.0 * base + floor * scale
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (torch same-dtype error {base:.3e})"
+
+
+def python_metadata(bitmap):
+    """The design.md metadata built with plain Python loops (padded to capacity): the oracle for the tensor build."""
+    rows, cols = bitmap.shape
+    b = bitmap.tolist()
+    row_ptr, row_cols, block_rows = [0], [], []
+    for r in range(rows):
+        for c in range(cols):
+            if b[r][c]:
+                row_cols.append(c)
+                block_rows.append(r)
+        row_ptr.append(len(row_cols))
+    col_ptr, col_rows = [0], []
+    for c in range(cols):
+        for r in range(rows):
+            if b[r][c]:
+                col_rows.append(r)
+        col_ptr.append(len(col_rows))
+    pad = rows * cols
+    return dict(nnz=len(row_cols), row_ptr=row_ptr, row_cols=row_cols + [0] * (pad - len(row_cols)),
+                col_ptr=col_ptr, col_rows=col_rows + [0] * (pad - len(col_rows)),
+                block_rows=block_rows + [0] * (pad - len(block_rows)))

@@ -4,27 +4,7 @@ import torch
 
 from capsparse.layout import (BlockLayout, ElementMask, normalize_block_size, pack_bits, topk_mask,
                               unpack_bits)
-from _grid import random_bitmap
-
-
-def python_metadata(bitmap):
-    """The metadata built with plain Python loops: the oracle for the tensor construction."""
-    r, c = bitmap.shape
-    rows = bitmap.tolist()
-    row_ptr, row_cols, block_rows = [0], [], []
-    for i in range(r):
-        for j in range(c):
-            if rows[i][j]:
-                row_cols.append(j)
-                block_rows.append(i)
-        row_ptr.append(len(row_cols))
-    col_ptr, col_rows = [0], []
-    for j in range(c):
-        for i in range(r):
-            if rows[i][j]:
-                col_rows.append(i)
-        col_ptr.append(len(col_rows))
-    return row_ptr, row_cols, col_ptr, col_rows, block_rows
+from _grid import python_metadata, random_bitmap
 
 
 @pytest.mark.parametrize("grid", [(1, 1), (2, 3), (5, 4), (8, 8), (3, 12)])
@@ -32,8 +12,10 @@ def python_metadata(bitmap):
 def test_metadata_matches_python_construction(grid, density):
     bitmap = random_bitmap(grid, density, torch.Generator().manual_seed(grid[0] * 7 + grid[1]))
     layout = BlockLayout.from_bitmap(bitmap, (grid[0] * 16, grid[1] * 32), (16, 32))
-    row_ptr, row_cols, col_ptr, col_rows, block_rows = python_metadata(bitmap)
-    nnz = len(row_cols)
+    want = python_metadata(bitmap)
+    nnz = want["nnz"]
+    row_ptr, col_ptr = want["row_ptr"], want["col_ptr"]
+    row_cols, col_rows, block_rows = (want[n][:nnz] for n in ("row_cols", "col_rows", "block_rows"))
     capacity = grid[0] * grid[1]
     assert int(layout.nnz) == nnz
     assert layout.row_ptr.tolist() == row_ptr and layout.col_ptr.tolist() == col_ptr

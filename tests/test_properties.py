@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _grid import python_metadata
 from capsparse.layout import (BlockLayout, ElementMask, normalize_block_size, pack_bits, topk_mask, unpack_bits)
 from capsparse.ops import (block_sparse_linear, block_sparse_linear_reference, cap_contrastive_loss,
                            masked_linear, masked_linear_reference)
@@ -31,29 +32,6 @@ def block_case(draw):
     dtype = draw(st.sampled_from(sorted(DTYPES)))
     bias = draw(st.booleans())
     return bm, bk, r, c, t, seed, density, dtype, bias
-
-
-def python_metadata(bitmap):
-    """Plain-Python construction of the design.md metadata, for comparison."""
-    rows, cols = bitmap.shape
-    b = bitmap.tolist()
-    row_ptr, row_cols, block_rows = [0], [], []
-    for r in range(rows):
-        for c in range(cols):
-            if b[r][c]:
-                row_cols.append(c)
-                block_rows.append(r)
-        row_ptr.append(len(row_cols))
-    col_ptr, col_rows = [0], []
-    for c in range(cols):
-        for r in range(rows):
-            if b[r][c]:
-                col_rows.append(r)
-        col_ptr.append(len(col_rows))
-    pad = rows * cols
-    return dict(nnz=len(row_cols), row_ptr=row_ptr, row_cols=row_cols + [0] * (pad - len(row_cols)),
-                col_ptr=col_ptr, col_rows=col_rows + [0] * (pad - len(col_rows)),
-                block_rows=block_rows + [0] * (pad - len(block_rows)))
 
 
 @SETTINGS

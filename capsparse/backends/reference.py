@@ -59,20 +59,24 @@ def _finite_lse(logits):
     return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
 
 
+def _log_prob(q, k, exclude_index, temperature):
+    """``(log_prob [B, K], keep [B, K])``: log-softmax over each row's keys, the excluded key dropped (0 there)."""
+    logits = (q @ k.t()) / temperature
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    has_ex = exclude_index >= 0
+    rows = torch.arange(logits.shape[0], device=q.device)
+    keep[rows[has_ex], exclude_index[has_ex]] = False
+    logits = logits.masked_fill(~keep, float("-inf"))
+    return (logits - _finite_lse(logits)).masked_fill(~keep, 0.0), keep
+
+
 def contrastive_losses(q, k, query_ids, key_ids, query_labels, key_labels, exclude_index,
                        temperature: float, normalization: str):
     """Differentiable CAP losses ``(loss_u, loss_s | None)`` on normalised ``q`` and ``k``.
 
     Builds ``B x K`` tensors: this is the oracle, the fused paths never do.
     """
-    logits = (q @ k.t()) / temperature
-    b, n_keys = logits.shape
-    keep = torch.ones(b, n_keys, dtype=torch.bool, device=q.device)
-    has_ex = exclude_index >= 0
-    rows = torch.arange(b, device=q.device)
-    keep[rows[has_ex], exclude_index[has_ex]] = False
-    logits = logits.masked_fill(~keep, float("-inf"))
-    log_prob = (logits - _finite_lse(logits)).masked_fill(~keep, 0.0)
+    log_prob, keep = _log_prob(q, k, exclude_index, temperature)
 
     def one(positive):
         positive = positive & keep
@@ -97,15 +101,7 @@ def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_
     For row ``i`` with positives ``P_i``: ``d r_i / d q_i = (mean_{k in P_i} k - sum_k p_ik k) / tau``,
     and each loss is ``-c * sum_i r_i`` with ``c = 1 / sum_i |P_i|`` (official) or ``1 / |A|`` (supcon).
     """
-    logits = (q @ k.t()) / temperature
-    b, n_keys = logits.shape
-    keep = torch.ones(b, n_keys, dtype=torch.bool, device=q.device)
-    has_ex = exclude_index >= 0
-    rows = torch.arange(b, device=q.device)
-    keep[rows[has_ex], exclude_index[has_ex]] = False
-    logits = logits.masked_fill(~keep, float("-inf"))
-    lse = _finite_lse(logits)
-    log_prob = (logits - lse).masked_fill(~keep, 0.0)
+    log_prob, keep = _log_prob(q, k, exclude_index, temperature)
     prob_keys = torch.exp(log_prob).masked_fill(~keep, 0.0) @ k
 
     def one(positive):

@@ -8,11 +8,12 @@ overwritten). Keys for the loss follow ``docs/cap.md`` / cap-method.md §2.3.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ..resources import available_gpu_memory, available_ram
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -24,19 +25,11 @@ def estimate_bank_bytes(n_examples: int, reps: Dict[str, int], dim: int, dtype: 
 
 
 def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``)."""
+    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: available RAM)."""
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return available_gpu_memory(device)
+    return available_ram()
 
 
 def _gib(n: int) -> str:
