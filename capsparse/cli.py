@@ -185,7 +185,10 @@ def load_config_file(path: str) -> Dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise CLIError(f"--config: file {path!r} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise CLIError(f"--config: cannot read {path!r} as UTF-8 text ({type(exc).__name__})") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -218,6 +221,33 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     raise KeyError(command)
 
 
+def _coerce_config_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """A config value converted as the flag would convert it; a value of the wrong kind is a CLIError."""
+    if value is None:
+        return None
+    type_name = getattr(action.type, "__name__", "a valid value")
+    if action.nargs == 0:  # on/off flags (store_true, --cap/--no-cap)
+        if not isinstance(value, bool):
+            raise CLIError(f"{where}: expected true or false")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        return [_coerce_config_value(_single(action), item, where) for item in items]
+    if isinstance(value, (list, dict, bool)):
+        raise CLIError(f"{where}: expected a single {type_name}")
+    if action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise CLIError(f"{where}: expected {type_name}") from None
+    return value
+
+
+def _single(action: argparse.Action) -> argparse.Action:
+    """A stand-in for one element of an append action (same type and choices)."""
+    return argparse.Action(option_strings=[], dest=action.dest, type=action.type, choices=action.choices)
+
+
 def _apply_config(sub: argparse.ArgumentParser, config: Dict[str, Any], path: str) -> None:
     """Set the subparser's defaults from ``config`` (so that explicit flags still win)."""
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
@@ -230,19 +260,12 @@ def _apply_config(sub: argparse.ArgumentParser, config: Dict[str, Any], path: st
             known = ", ".join(sorted(d.replace("_", "-") for d in actions))
             raise CLIError(f"--config: unknown option {key!r} in {path!r}; known options: {known}")
         action = actions[dest]
-        if value is not None and action.type is not None and not isinstance(value, (list, dict, bool)):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                raise CLIError(f"--config: option {key!r} in {path!r} = {value!r}: expected "
-                               f"{getattr(action.type, '__name__', 'a valid value')}") from None
+        if dest == "cap_option" and isinstance(value, dict):  # a mapping is allowed for --cap-option
+            value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+        value = _coerce_config_value(action, value, f"--config: option {key!r} in {path!r} = {value!r}")
         if action.choices is not None and value is not None and value not in action.choices:
             raise CLIError(f"--config: option {key!r} in {path!r} = {value!r}: expected one of "
                            f"{list(action.choices)}")
-        if dest == "cap_option" and isinstance(value, dict):  # a mapping is allowed for --cap-option
-            value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
-        if isinstance(action, argparse._AppendAction) and value is not None and not isinstance(value, list):
-            value = [value]
         defaults[dest] = value
     sub.set_defaults(**defaults)
 
