@@ -28,6 +28,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from capsparse.layout import build_block_metadata
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -43,25 +45,11 @@ OPS = ("fwd", "dx", "dw", "fwdbwd")
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of all threads)
 
 
-def block_meta(bitmap: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Block-layout metadata of docs/design.md from a bool bitmap ``[R, C]``."""
-    r, c = bitmap.shape
-    cap = r * c
-    rows, cols = bitmap.nonzero(as_tuple=True)
-    nnz = rows.numel()
-    row_ptr = torch.zeros(r + 1, dtype=torch.int32)
-    row_ptr[1:] = bitmap.sum(1).cumsum(0)
-    row_cols = torch.zeros(cap, dtype=torch.int32)
-    row_cols[:nnz] = cols.int()
-    block_rows = torch.zeros(cap, dtype=torch.int32)
-    block_rows[:nnz] = rows.int()
-    tcols, trows = bitmap.t().nonzero(as_tuple=True)
-    col_ptr = torch.zeros(c + 1, dtype=torch.int32)
-    col_ptr[1:] = bitmap.sum(0).cumsum(0)
-    col_rows = torch.zeros(cap, dtype=torch.int32)
-    col_rows[:nnz] = trows.int()
-    return dict(row_ptr=row_ptr, row_cols=row_cols, col_ptr=col_ptr, col_rows=col_rows, block_rows=block_rows,
-                block_cols=row_cols.clone(), nnz=torch.tensor(nnz))
+def block_meta(bitmap: torch.Tensor):
+    """Block-layout metadata of docs/design.md from a bool bitmap ``[R, C]`` (capsparse.layout's builder)."""
+    m = build_block_metadata(bitmap)
+    m["block_cols"] = m["row_cols"]
+    return m
 
 
 def random_bitmap(r: int, c: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:

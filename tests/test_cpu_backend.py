@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from capsparse.backends import cpu
+from capsparse.layout import build_block_metadata
 
 
 @pytest.fixture(autouse=True)
@@ -29,27 +30,14 @@ def threads():
 
 
 # ------------------------------------------------------------------------------------------------
-# metadata (contract of docs/design.md), built here from a bitmap so the test does not depend on
-# capsparse.layout
+# metadata (contract of docs/design.md)
 # ------------------------------------------------------------------------------------------------
 def meta(bitmap: torch.Tensor):
-    r, c = bitmap.shape
-    cap = r * c
-    rows, cols = bitmap.nonzero(as_tuple=True)
-    nnz = rows.numel()
-    row_ptr = torch.zeros(r + 1, dtype=torch.int32)
-    row_ptr[1:] = bitmap.sum(1).cumsum(0)
-    row_cols = torch.zeros(cap, dtype=torch.int32)
-    row_cols[:nnz] = cols.int()
-    block_rows = torch.zeros(cap, dtype=torch.int32)
-    block_rows[:nnz] = rows.int()
-    tcols, trows = bitmap.t().nonzero(as_tuple=True)
-    col_ptr = torch.zeros(c + 1, dtype=torch.int32)
-    col_ptr[1:] = bitmap.sum(0).cumsum(0)
-    col_rows = torch.zeros(cap, dtype=torch.int32)
-    col_rows[:nnz] = trows.int()
-    return dict(row_ptr=row_ptr, row_cols=row_cols, col_ptr=col_ptr, col_rows=col_rows,
-                block_rows=block_rows, block_cols=row_cols.clone(), nnz=torch.tensor(nnz))
+    """Block-layout metadata of docs/design.md (capsparse.layout's builder, itself tested against a
+    plain-Python construction in test_layout.py)."""
+    m = build_block_metadata(bitmap)
+    m["block_cols"] = m["row_cols"]
+    return m
 
 
 def make_bitmap(r, c, density, gen, holes=False):
