@@ -41,6 +41,16 @@ def check_block_divides(shape: Tuple[int, int], block_size: Tuple[int, int], nam
             f"expected out_features % {bm} == 0 and in_features % {bk} == 0")
 
 
+def check_block_mask(bitmap, expected: Tuple[int, int], block_size: Tuple[int, int], name: str = "bitmap") -> None:
+    """A bool block mask of shape ``expected`` (block-rows x block-columns for ``block_size``)."""
+    if not isinstance(bitmap, torch.Tensor) or bitmap.dtype != torch.bool:
+        raise TypeError(f"{name}: expected a bool tensor of shape {expected} (block mask), got "
+                        f"{type(bitmap).__name__} {getattr(bitmap, 'dtype', '')}")
+    if tuple(bitmap.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected a block mask of shape {tuple(expected)} for block size {block_size}, "
+                         f"got {tuple(bitmap.shape)}")
+
+
 def build_block_metadata(bitmap: torch.Tensor) -> dict:
     """Index metadata for a bool ``[R, C]`` bitmap, with tensor ops only (no ``.item()``).
 
@@ -104,13 +114,7 @@ class BlockLayout:
     def from_bitmap(cls, bitmap: torch.Tensor, shape: Tuple[int, int], block_size: BlockSize) -> "BlockLayout":
         bm, bk = normalize_block_size(block_size)
         check_block_divides(tuple(shape), (bm, bk))
-        expected = (shape[0] // bm, shape[1] // bk)
-        if not isinstance(bitmap, torch.Tensor) or bitmap.dtype != torch.bool:
-            raise TypeError(f"bitmap: expected a bool tensor of shape {expected}, got "
-                            f"{type(bitmap).__name__} {getattr(bitmap, 'dtype', '')}")
-        if tuple(bitmap.shape) != expected:
-            raise ValueError(f"bitmap: expected shape {expected} for weight {tuple(shape)} and block size "
-                             f"{(bm, bk)}, got {tuple(bitmap.shape)}")
+        check_block_mask(bitmap, (shape[0] // bm, shape[1] // bk), (bm, bk))
         bitmap = bitmap.contiguous()
         return cls(shape=(int(shape[0]), int(shape[1])), block_size=(bm, bk), bitmap=bitmap,
                    **build_block_metadata(bitmap))

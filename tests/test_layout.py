@@ -96,7 +96,7 @@ def test_bad_block_sizes(bad, exc, words):
 def test_bad_layout_inputs():
     with pytest.raises(ValueError, match="does not divide"):
         BlockLayout.dense((48, 64), 32)
-    with pytest.raises(ValueError, match=r"bitmap: expected shape \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"bitmap: expected a block mask of shape \(2, 2\)"):
         BlockLayout.from_bitmap(torch.ones(2, 3, dtype=torch.bool), (64, 64), 32)
     with pytest.raises(TypeError, match="bitmap: expected a bool tensor"):
         BlockLayout.from_bitmap(torch.ones(2, 2), (64, 64), 32)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layout import BlockLayout, BlockSize, check_block_divides, normalize_block_size
+from ..layout import BlockLayout, BlockSize, check_block_divides, check_block_mask, normalize_block_size
 from ..ops.block_sparse_linear import block_sparse_linear
 from ..ops.masked_linear import check_mask, masked_linear
 
@@ -110,13 +110,7 @@ class SparseLinear(nn.Module):
             with torch.no_grad():
                 self.mask.copy_(mask)
             return
-        expected = tuple(self.block_mask.shape)
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected a bool tensor of shape {expected} (block mask), got "
-                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
-        if tuple(mask.shape) != expected:
-            raise ValueError(f"mask: expected a block mask of shape {expected} for block size {self.block_size}, "
-                             f"got {tuple(mask.shape)}")
+        check_block_mask(mask, tuple(self.block_mask.shape), self.block_size, name="mask")
         if mask.device != self.block_mask.device:
             raise ValueError(f"mask: expected device {self.block_mask.device}, got {mask.device}")
         with torch.no_grad():
