@@ -24,6 +24,19 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, title: str, path: PathLike) -> Path:
+    """Title, grid and legend, then save the figure to ``path`` (parents created) and close it."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _series(log_history: Sequence[dict], key: str):
     xs, ys = [], []
     for entry in log_history:
@@ -68,14 +81,7 @@ def plot_losses(log_history: Sequence[dict], path: PathLike, title: str = "train
         ax.plot(evx, evy, "k--", marker="o", label="eval_loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)
 
 
 def plot_sparsity(log_history: Sequence[dict], path: PathLike, target: Optional[float] = None,
@@ -101,14 +107,7 @@ def plot_sparsity(log_history: Sequence[dict], path: PathLike, target: Optional[
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("fraction")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)
 
 
 def plot_accuracy_vs_sparsity(rows: Iterable[Dict], path: PathLike, metric: str = "accuracy",
@@ -134,15 +133,7 @@ def plot_accuracy_vs_sparsity(rows: Iterable[Dict], path: PathLike, metric: str 
         ax.axhline(dense, color="black", ls=":", label=f"dense teacher {dense:.1f}")
     ax.set_xlabel("encoder sparsity (%)")
     ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, title, path)
 
 
 def plot_run(log_history: Sequence[dict], output_dir: PathLike, target_sparsity: Optional[float] = None) -> List[Path]:
