@@ -53,3 +53,72 @@ def tiny_cap_config(**kwargs):
                 initial_warmup=1, final_warmup=2, n_extra_keys=16, teacher_epochs=1, sparsity_tolerance=0.01)
     base.update(kwargs)
     return CAPConfig(**base)
+
+
+def tiny_qa_bert(seed=0, **kwargs):
+    """A tiny random ``BertForQuestionAnswering`` (start/end logits, no pooler)."""
+    from transformers import BertForQuestionAnswering
+    torch.manual_seed(seed)
+    return BertForQuestionAnswering(tiny_config(**kwargs))
+
+
+def tiny_qa_dataset(n=32, min_len=8, max_len=16, vocab=100, seed=0, with_idx=True):
+    """A learnable toy span task with ragged lengths: the answer span is the run of token 7 (2-4 tokens long)."""
+    import datasets
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "attention_mask": [], "token_type_ids": [], "start_positions": [], "end_positions": []}
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(10, vocab, (length,), generator=g)
+        ids[0] = 1  # [CLS]
+        span = int(torch.randint(2, 5, (1,), generator=g))
+        start = int(torch.randint(1, length - span + 1, (1,), generator=g))
+        ids[start:start + span] = 7
+        rows["input_ids"].append(ids.tolist())
+        rows["attention_mask"].append([1] * length)
+        rows["token_type_ids"].append([0] * length)
+        rows["start_positions"].append(start)
+        rows["end_positions"].append(start + span - 1)
+    if with_idx:
+        rows["idx"] = list(range(n))
+    return datasets.Dataset.from_dict(rows)
+
+
+def pad_collator(features):
+    """Right-pad ``input_ids`` / ``attention_mask`` / ``token_type_ids`` with 0 to the batch's longest row."""
+    width = max(len(f["input_ids"]) for f in features)
+    out = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if key in ("input_ids", "attention_mask", "token_type_ids"):
+            values = [list(v) + [0] * (width - len(v)) for v in values]
+        out[key] = torch.tensor(values)
+    return out
+
+
+def write_squad_json(path, n_people=8, seed=0):
+    """A hand-made SQuAD v1.1-format file: one paragraph per person, four questions each (``4 * n_people``)."""
+    import json
+    import random
+    rng = random.Random(seed)
+    names = ["Alice", "Bruno", "Chen", "Dana", "Emil", "Farah", "Goran", "Hana", "Ivan", "Jora", "Kemal", "Lena"]
+    cities = ["Lisbon", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Tartu", "Lima", "Kyoto", "Accra"]
+    subjects = ["chemistry", "geology", "music", "law", "botany", "medicine", "physics", "history"]
+    jobs = ["pilot", "baker", "judge", "nurse", "sculptor", "chemist", "teacher", "ranger"]
+    articles = []
+    for i in range(n_people):
+        name = names[i % len(names)]
+        born, studied = rng.sample(cities, 2)
+        year, subject, job = str(rng.randint(1850, 1990)), rng.choice(subjects), rng.choice(jobs)
+        context = (f"{name} was born in {born} in {year}. After school, {name} studied {subject} at the "
+                   f"university of {studied} and then worked as a {job} for many years before retiring.")
+        qas = []
+        for k, (question, answer) in enumerate([(f"Where was {name} born?", born), (f"When was {name} born?", year),
+                                                (f"What did {name} study?", subject),
+                                                (f"What did {name} work as?", job)]):
+            start = context.index(answer)
+            qas.append({"id": f"p{i}q{k}", "question": question, "answers": [{"text": answer, "answer_start": start}]})
+        articles.append({"title": f"person_{i}", "paragraphs": [{"context": context, "qas": qas}]})
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"version": "1.1", "data": articles}, f, indent=1)
+    return path

@@ -5,6 +5,13 @@
 The contrastive terms use :func:`capsparse.ops.cap_contrastive_loss` per bank, with the keys of
 :meth:`capsparse.cap.banks.BankSet.keys_for`. Teacher logits come from the per-example cache filled
 during the FiC encoding pass.
+
+Question answering (SQuAD, official ``masked_run_squad.py``): the logits are ``[B, L, 2]`` (start, end),
+the labels ``[B, 2]`` (start, end token positions). CE is the mean of the start and end cross-entropies
+(the ``...ForQuestionAnswering`` models' own loss); KD is the mean of the start and end
+``T^2 * KL`` (each ``batchmean``, softmax over the sequence). The KD softmax runs over the real tokens
+only (``attention_mask``): batches are padded dynamically, so padding positions would otherwise change
+with the batch (the official code pads every feature to 384 and includes the padding).
 """
 from __future__ import annotations
 
@@ -69,6 +76,45 @@ class RepresentationTap:
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+# logit value for padding positions in the QA KD softmax: exp underflows to exactly 0 in fp32
+QA_PAD_LOGIT = -1e4
+
+
+def qa_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+               attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SQuAD KD: ``(KD(start) + KD(end)) / 2`` with ``KD = T^2 * KL(softmax(z_T/T) || softmax(z_S/T))``, ``batchmean``.
+
+    Args:
+        student_logits: ``[B, L, 2]`` (start, end).
+        teacher_logits: ``[B, L_t, 2]``; sliced or padded to ``L`` (positions beyond a feature's length are
+            padding, masked below).
+        attention_mask: ``[B, L]``; padding positions are left out of both softmaxes. ``None``: all positions.
+    """
+    b, length = student_logits.shape[:2]
+    t = float(temperature)
+    teacher = teacher_logits.to(device=student_logits.device, dtype=torch.float32)
+    if teacher.shape[1] < length:
+        teacher = F.pad(teacher, (0, 0, 0, length - teacher.shape[1]), value=QA_PAD_LOGIT)
+    teacher = teacher[:, :length]
+    s, z = student_logits.float() / t, teacher / t
+    if attention_mask is not None:
+        pad = ~attention_mask.to(device=s.device).bool().unsqueeze(-1)
+        s, z = s.masked_fill(pad, QA_PAD_LOGIT), z.masked_fill(pad, QA_PAD_LOGIT)
+    kl = F.kl_div(F.log_softmax(s, dim=1), F.softmax(z, dim=1), reduction="sum") / b  # start + end, batchmean
+    return kl / 2 * t * t
+
+
+def qa_task_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``(CE(start) + CE(end)) / 2``, as ``BertForQuestionAnswering``: positions outside ``[0, L)`` are ignored.
+
+    ``logits`` ``[B, L, 2]``, ``positions`` ``[B, 2]`` (start, end token indices)."""
+    length = logits.shape[1]
+    pos = positions.to(logits.device).long().clamp(0, length)
+    start = F.cross_entropy(logits[..., 0].float(), pos[:, 0], ignore_index=length)
+    end = F.cross_entropy(logits[..., 1].float(), pos[:, 1], ignore_index=length)
+    return (start + end) / 2
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             regression: bool = False) -> torch.Tensor:
     """``T^2 * KL(softmax(z_T / T) || softmax(z_S / T))`` with ``batchmean`` (MSE for regression)."""
@@ -79,7 +125,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean") * t * t
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, qa: bool = False) -> torch.Tensor:
+    """CE (classification), MSE (regression) or the start/end CE of :func:`qa_task_loss` (``qa``)."""
+    if qa:
+        return qa_task_loss(logits, labels)
     if regression:
         return F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
     return F.cross_entropy(logits.float(), labels.long())
@@ -88,15 +137,23 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
 def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                   query: Optional[torch.Tensor], banks=None, teacher_logits: Optional[torch.Tensor] = None,
                   contrastive_labels: Optional[torch.Tensor] = None, regularization: Optional[torch.Tensor] = None,
-                  reg_lambda: float = 0.0, regression: bool = False, use_contrastive: bool = True
+                  reg_lambda: float = 0.0, regression: bool = False, use_contrastive: bool = True,
+                  qa: bool = False, attention_mask: Optional[torch.Tensor] = None
                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """``(total, components)``; components are detached scalars (ce, kd, <bank>_u, <bank>_s, l1)."""
+    """``(total, components)``; components are detached scalars (ce, kd, <bank>_u, <bank>_s, l1).
+
+    ``qa``: ``logits`` are ``[B, L, 2]`` start/end logits and ``labels`` ``[B, 2]`` positions; KD uses
+    :func:`qa_kd_loss` with ``attention_mask``. The contrastive terms need no labels (``contrastive_labels=None``:
+    unsupervised positives only)."""
     parts: Dict[str, torch.Tensor] = {}
-    ce = task_loss(logits, labels, regression)
+    ce = task_loss(logits, labels, regression, qa=qa)
     total = config.w_ce * ce
     parts["ce"] = ce.detach()
     if teacher_logits is not None and config.w_kd > 0:
-        kd = kd_loss(logits, teacher_logits.to(logits.device), config.kd_temperature, regression)
+        if qa:
+            kd = qa_kd_loss(logits, teacher_logits, config.kd_temperature, attention_mask)
+        else:
+            kd = kd_loss(logits, teacher_logits.to(logits.device), config.kd_temperature, regression)
         total = total + config.w_kd * kd
         parts["kd"] = kd.detach()
     if use_contrastive and banks is not None and query is not None:

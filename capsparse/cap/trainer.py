@@ -29,7 +29,7 @@ from ..resources import GracefulStopCallback
 from ..surgery import sparse_layers, sparsify
 from .banks import BankSet, _dist, encode_pass, shard_indices
 from .config import CAPConfig
-from .losses import RepresentationTap, cap_objective, task_loss
+from .losses import QA_PAD_LOGIT, RepresentationTap, cap_objective, task_loss
 
 CAP_STATE_NAME = "cap_state.pt"
 
@@ -65,10 +65,11 @@ def _drop_idx(collator):
 
 
 class CAPTrainer(transformers.Trainer):
-    """Prune a sequence-classification model with CAP (Xu et al., AAAI 2022).
+    """Prune a sequence-classification or question-answering model with CAP (Xu et al., AAAI 2022).
 
     Args:
-        model: a transformers ``...ForSequenceClassification`` (BERT family), dense. It is pruned in place:
+        model: a transformers ``...ForSequenceClassification`` or ``...ForQuestionAnswering`` (BERT family),
+            dense. It is pruned in place:
             unstructured/block methods swap the encoder linears for :class:`capsparse.SparseLinear`
             (``block_size`` for "block-movement") and add ``movement_scores`` parameters; "first-order"
             adds head / FFN-neuron mask buffers and hooks (:meth:`compact` removes them physically).
@@ -77,10 +78,17 @@ class CAPTrainer(transformers.Trainer):
             optimizer steps are split evenly into the pruning steps.
         cap_config: a :class:`CAPConfig` (e.g. ``CAPConfig.recipe("glue-unstructured")``).
         train_dataset: tokenised, with ``input_ids``, ``attention_mask``, optional ``token_type_ids``, ``labels``
-            and ``idx`` (example id ``0..N-1``; the banks are indexed by it).
+            (question answering: ``start_positions`` and ``end_positions`` instead) and ``idx`` (example id
+            ``0..N-1``; the banks are indexed by it; for SQuAD one id per training *feature*, i.e. window).
         eval_dataset, processing_class, data_collator, compute_metrics, callbacks: as ``Trainer``.
         teacher: the dense fine-tuned teacher (KD and FiC). ``None``: a copy of ``model`` is fine-tuned first
             for ``cap_config.teacher_epochs`` epochs (only when KD or FiC is on).
+
+    Question answering (SQuAD): the task loss is the mean start/end cross-entropy, KD the mean start/end
+    ``T^2 * KL`` over the real tokens (:func:`capsparse.cap.losses.qa_kd_loss`), the teacher's start/end logits
+    are cached per feature, and the contrastive terms are unsupervised only (``w_s`` must be 0: there are no
+    class labels; the "squad-*" recipes set it) on the ``"cls"`` or ``"mean"`` representation (QA models have
+    no pooler).
 
     After :meth:`train`, :meth:`sparsity_report` gives the reached sparsity; training fails with a
     ``RuntimeError`` when it misses ``target_sparsity`` by more than ``sparsity_tolerance`` (soft movement
@@ -95,10 +103,18 @@ class CAPTrainer(transformers.Trainer):
             raise ValueError("train_dataset: expected a tokenised dataset with an 'idx' column, got None")
         cfg = cap_config
         self.cap_config = cfg
-        self._ids, self._train_labels = _read_ids_and_labels(train_dataset)
+        self.qa = is_qa_model(model)
+        self._ids, self._train_labels = _read_ids_and_labels(train_dataset, qa=self.qa)
         self.n_examples = len(self._ids)
-        self.regression = model.config.problem_type == "regression" or model.config.num_labels == 1
+        self.regression = not self.qa and (model.config.problem_type == "regression" or model.config.num_labels == 1)
         self._bin_edges = None
+        self._qa_length = _max_length(train_dataset) if self.qa else None
+        if self.qa and cfg.use_cap and cfg.w_s > 0:
+            raise ValueError(f"w_s: supervised positives compare class labels, but question answering has none; set "
+                             f"w_s=0 (the 'squad-unstructured' / 'squad-structured' recipes do), got w_s={cfg.w_s}")
+        if self.qa and cfg.use_cap and cfg.representation == "pooler":
+            raise ValueError("representation='pooler': question-answering models have no pooler; use 'cls' (the "
+                             "official SQuAD representation, as the 'squad-*' recipes) or 'mean'")
         if self.regression and cfg.use_cap and cfg.w_s > 0:
             if cfg.regression_bins is None:
                 raise ValueError("w_s: supervised positives compare class labels, but this is a regression task "
@@ -155,7 +171,7 @@ class CAPTrainer(transformers.Trainer):
     # -- data ------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for col in ("idx", "labels", "label"):
+        for col in ("idx", "labels", "label", "start_positions", "end_positions"):
             if col not in self._signature_columns:
                 self._signature_columns.append(col)
 
@@ -177,22 +193,51 @@ class CAPTrainer(transformers.Trainer):
             yield self._prepare_inputs(batch)
 
     # -- representations and loss -------------------------------------------------------------------------
+    def _split_batch(self, batch):
+        """``(model inputs, labels, ids)``; QA labels are ``[B, 2]`` (start, end positions)."""
+        batch = dict(batch)
+        ids = batch.pop("idx", None)
+        if self.qa:
+            start, end = batch.pop("start_positions", None), batch.pop("end_positions", None)
+            labels = None if start is None or end is None else torch.stack([start.reshape(-1), end.reshape(-1)], 1)
+            batch.pop("labels", None)
+            batch.pop("label", None)
+            return batch, labels, ids
+        labels = batch.pop("labels", None)
+        if labels is None:
+            labels = batch.pop("label", None)
+        return batch, labels, ids
+
+    def _logits(self, outputs):
+        """Classification logits ``[B, C]``, or QA start/end logits stacked to ``[B, L, 2]``."""
+        if self.qa:
+            return torch.stack([outputs["start_logits"], outputs["end_logits"]], dim=-1)
+        return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+
     def _encode_fn(self, tap, want_logits):
         kind = self.cap_config.representation
 
         def fn(model, batch):
-            batch = dict(batch)
-            batch.pop("idx", None)
-            batch.pop("labels", None)
-            batch.pop("label", None)
+            batch, _, _ = self._split_batch(batch)
             tap.clear()
             out = model(**batch)
             reps = tap.representation(kind, batch.get("attention_mask"), query=False)
-            return reps, (out.logits if want_logits else None)
+            if not want_logits:
+                return reps, None
+            logits = self._logits(out)
+            if self.qa:  # a fixed width for the per-feature cache (batches are padded to different lengths)
+                mask = batch.get("attention_mask")
+                if mask is not None:  # padding positions hold a constant: the cache does not depend on the batch
+                    logits = logits.masked_fill(~mask.bool().unsqueeze(-1), QA_PAD_LOGIT)
+                width = self._qa_length
+                if logits.shape[1] < width:
+                    logits = torch.nn.functional.pad(logits, (0, 0, 0, width - logits.shape[1]), value=QA_PAD_LOGIT)
+                logits = logits[:, :width]
+            return reps, logits
         return fn
 
     def _contrastive_labels(self, labels):
-        if self.cap_config.w_s <= 0:
+        if self.cap_config.w_s <= 0 or self.qa:
             return None
         if self.regression:
             return torch.bucketize(labels.float().reshape(-1), self._bin_edges.to(labels.device), right=True)
@@ -215,21 +260,19 @@ class CAPTrainer(transformers.Trainer):
         return cap_objective(cfg, logits, labels, ids, query, banks=self.banks if query is not None else None,
                              teacher_logits=teacher_logits, contrastive_labels=self._contrastive_labels(labels),
                              regularization=reg, reg_lambda=self._current_lambda(), regression=self.regression,
-                             use_contrastive=use_contrastive)
+                             use_contrastive=use_contrastive, qa=self.qa, attention_mask=attention_mask)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        ids = inputs.pop("idx", None)
-        labels = inputs.pop("labels", None)
+        inputs, labels, ids = self._split_batch(inputs)
         if labels is None:
-            labels = inputs.pop("label", None)
-        if labels is None:
-            raise ValueError("inputs: expected a 'labels' column for CAP training, found none")
+            raise ValueError("inputs: expected 'start_positions' and 'end_positions' columns for CAP training of a "
+                             "question-answering model, found none" if self.qa else
+                             "inputs: expected a 'labels' column for CAP training, found none")
         self.tap.clear()
         outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = self._logits(outputs)
         if not model.training or ids is None:  # evaluation: the task loss only
-            loss = task_loss(logits, labels, self.regression)
+            loss = task_loss(logits, labels, self.regression, qa=self.qa)
         else:
             loss, parts = self._objective(logits, labels, ids, inputs.get("attention_mask"))
             for k, v in parts.items():
@@ -344,7 +387,7 @@ class CAPTrainer(transformers.Trainer):
             finally:
                 tap.remove()
             if cfg.w_kd > 0:
-                cache = torch.zeros(self.n_examples, logits.shape[-1], device=self.banks.device)
+                cache = torch.zeros((self.n_examples,) + tuple(logits.shape[1:]), device=self.banks.device)
                 cache[ids.to(self.banks.device)] = logits.to(self.banks.device)
                 self.banks.teacher_logits = cache
             if "fic" in self.banks.banks:
@@ -377,14 +420,10 @@ class CAPTrainer(transformers.Trainer):
 
     def _importance_loss(self, use_contrastive):
         def loss_fn(batch):
-            batch = dict(batch)
-            ids = batch.pop("idx")
-            labels = batch.pop("labels", None)
-            if labels is None:
-                labels = batch.pop("label")
+            batch, labels, ids = self._split_batch(batch)
             self.tap.clear()
             out = self.model(**batch)
-            loss, _ = self._objective(out.logits, labels, ids, batch.get("attention_mask"), use_contrastive)
+            loss, _ = self._objective(self._logits(out), labels, ids, batch.get("attention_mask"), use_contrastive)
             return loss
         return loss_fn
 
@@ -563,12 +602,32 @@ def _rank() -> int:
     return dist.get_rank() if dist is not None else 0
 
 
-def _read_ids_and_labels(ds):
+def is_qa_model(model) -> bool:
+    """True for extractive question-answering heads (``...ForQuestionAnswering``: start/end logits)."""
+    return type(model).__name__.endswith("ForQuestionAnswering")
+
+
+def _max_length(ds) -> int:
+    """The longest ``input_ids`` of the training data (the width of the teacher's start/end logit cache)."""
+    cols = getattr(ds, "column_names", None)
+    rows = ds["input_ids"] if cols is not None else (ds[i]["input_ids"] for i in range(len(ds)))
+    return max(len(r) for r in rows)
+
+
+def _read_ids_and_labels(ds, qa: bool = False):
+    """``(ids, labels by id)``; question answering: ``labels`` is ``None`` (start/end positions are not
+    class labels), after checking the position columns exist."""
     cols = getattr(ds, "column_names", None)
     if cols is not None:
         if "idx" not in cols:
             raise ValueError(f"train_dataset: expected an 'idx' column (example id 0..N-1) for the CAP banks, got "
                              f"columns {cols}; add it with dataset.map(lambda e, i: {{'idx': i}}, with_indices=True)")
+        if qa:
+            missing = [c for c in ("start_positions", "end_positions") if c not in cols]
+            if missing:
+                raise ValueError(f"train_dataset: a question-answering model needs {missing} columns (e.g. from "
+                                 f"capsparse.data.prepare_train_features), got columns {cols}")
+            return _check_ids(torch.as_tensor(list(ds["idx"]), dtype=torch.int64)), None
         label_col = "labels" if "labels" in cols else "label" if "label" in cols else None
         if label_col is None:
             raise ValueError(f"train_dataset: expected a 'labels' column, got columns {cols}")
@@ -580,16 +639,31 @@ def _read_ids_and_labels(ds):
             raise ValueError(f"train_dataset: expected each example to have 'idx' (example id 0..N-1) for the CAP "
                              f"banks, got keys {sorted(first)}")
         ids = torch.as_tensor([int(ds[i]["idx"]) for i in range(len(ds))], dtype=torch.int64)
+        if qa:
+            if "start_positions" not in first or "end_positions" not in first:
+                raise ValueError(f"train_dataset: a question-answering model needs 'start_positions' and "
+                                 f"'end_positions', got keys {sorted(first)}")
+            return _check_ids(ids), None
         labels = torch.as_tensor([ds[i]["labels"] if "labels" in ds[i] else ds[i]["label"] for i in range(len(ds))])
-    n = ids.numel()
-    if n == 0 or not torch.equal(torch.sort(ids).values, torch.arange(n)):
-        raise ValueError(f"train_dataset: expected 'idx' to hold each example id 0..{n - 1} exactly once")
+    _check_ids(ids)
     by_id = torch.empty_like(labels)
     by_id[ids] = labels
     return ids, by_id
 
 
+def _check_ids(ids: torch.Tensor) -> torch.Tensor:
+    n = ids.numel()
+    if n == 0 or not torch.equal(torch.sort(ids).values, torch.arange(n)):
+        raise ValueError(f"train_dataset: expected 'idx' to hold each example id 0..{n - 1} exactly once")
+    return ids
+
+
 def _check_teacher(teacher, model):
+    if is_qa_model(teacher) != is_qa_model(model):
+        raise ValueError(f"teacher: expected a {'question-answering' if is_qa_model(model) else 'classification'} "
+                         f"model like the student ({type(model).__name__}), got {type(teacher).__name__}")
+    if is_qa_model(model):
+        return  # start/end logits over tokens: no label order to compare
     t, s = teacher.config, model.config
     if t.num_labels != s.num_labels:
         raise ValueError(f"teacher: expected num_labels={s.num_labels} (the student's), got {t.num_labels}; KD and "
