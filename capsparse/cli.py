@@ -47,11 +47,16 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = Tru
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--debug", action="store_true", default=False, help="show full tracebacks on errors")
     if data:
-        p.add_argument("--task", default="sst2", help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, mnli, qqp")
+        p.add_argument("--task", default="sst2",
+                       help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, mnli, qqp; or squad (SQuAD v1.1 question "
+                            "answering: a ...ForQuestionAnswering model, exact match / F1; see the SQuAD flags)")
         p.add_argument("--glue-dir", metavar="DIR", default=None,
                        help="local GLUE directory (default: $CAPSPARSE_GLUE_DIR, then shared/glue next to the repo)")
-        p.add_argument("--max-length", type=int, default=128, help="maximum tokens per example (truncation)")
-        p.add_argument("--batch-size", type=int, default=32, help="training batch size (per step)")
+        p.add_argument("--max-length", type=int, default=None,
+                       help="maximum tokens per example (truncation; for squad the question+context window length) "
+                            "(default: 128; 384 for --task squad)")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="training batch size (per step) (default: 32; 16 for --task squad)")
         p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
         p.add_argument("--max-eval-examples", type=int, default=None,
                        help="evaluate on a seeded subset of this many dev examples (default: all)")
@@ -71,6 +76,28 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = Tru
                        help="batch examples of similar length together (less padding: faster on CPU)")
 
 
+def _add_squad(p: argparse.ArgumentParser) -> None:
+    import textwrap
+
+    about = ("Data: --squad-train-file / --squad-dev-file, else the first of --squad-dir, $CAPSPARSE_SQUAD_DIR, "
+             "shared/squad next to the repo holding train-v1.1.json / dev-v1.1.json, else the hub (rajpurkar/squad) "
+             "when reachable; a missing file is an error naming where it looked. --max-train-examples / "
+             "--max-eval-examples count questions; each gives one or more windows (features). Eval reports "
+             "exact_match and f1 (official v1.1 evaluator).")
+    g = p.add_argument_group("SQuAD v1.1 (--task squad)", textwrap.fill(about, 78))
+    g.add_argument("--squad-dir", metavar="DIR", default=None,
+                   help="directory with the SQuAD v1.1 JSON files train-v1.1.json and dev-v1.1.json (default: "
+                        "$CAPSPARSE_SQUAD_DIR, then shared/squad next to the repo)")
+    g.add_argument("--squad-train-file", metavar="FILE", default=None,
+                   help="SQuAD-format JSON for training (overrides --squad-dir for the train split)")
+    g.add_argument("--squad-dev-file", metavar="FILE", default=None,
+                   help="SQuAD-format JSON for evaluation (overrides --squad-dir for the validation split)")
+    g.add_argument("--doc-stride", type=int, default=128,
+                   help="overlap in tokens between consecutive windows of a long context (must be < --max-length)")
+    g.add_argument("--max-query-length", type=int, default=64,
+                   help="questions are cut to this many tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="capsparse", formatter_class=_Formatter,
                      description="High-sparsity pruning of BERT-class models with CAP (Contrastive Pruning).",
@@ -83,17 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("finetune", formatter_class=_Formatter, help="fine-tune a dense model (e.g. a KD teacher)",
-                       description="Fine-tune a dense model on a GLUE task; the result can serve as --teacher for "
-                                   "prune.")
+                       description="Fine-tune a dense model on a GLUE task or SQuAD v1.1 (--task squad: a "
+                                   "question-answering head); the result can serve as --teacher for prune.")
     _add_common(p)
+    _add_squad(p)
     p.add_argument("--model", default="default",
                    help="model directory or name; 'default' is the bundled all-MiniLM-L6-v2 (6 layers, 384 wide)")
 
     p = sub.add_parser("prune", formatter_class=_Formatter, help="prune a model (CAP or a plain baseline)",
                        description="Prune while fine-tuning (fine-pruning), with or without CAP's contrastive terms. "
                                    "Defaults come from --recipe (the paper's official scripts); flags override them. "
-                                   "Writes a compressed export (only kept weights) to <output-dir>/compressed.")
+                                   "Writes a compressed export (only kept weights) to <output-dir>/compressed. "
+                                   "--task squad prunes a question-answering model (use --recipe squad-unstructured).")
     _add_common(p)
+    _add_squad(p)
     p.add_argument("--model", default="default",
                    help="model to prune (the student's start): a directory, hub name or 'default'")
     p.add_argument("--teacher", default=None,
@@ -109,15 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target fraction of pruned encoder-linear weights, in [0, 1) (default: the recipe's, 0.9)")
     p.add_argument("--block-size", type=int, default=None,
                    help=f"block side for block-movement, one of {BLOCK_SIZES} (default: the recipe's, 32)")
-    p.add_argument("--recipe", choices=RECIPES, default="glue-unstructured",
-                   help="hyper-parameter defaults from the official CAP scripts (cap-method.md section 4)")
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="hyper-parameter defaults from the official CAP scripts (cap-method.md section 4) (default: "
+                        "glue-unstructured; squad-unstructured for --task squad; *-structured with --method "
+                        "first-order)")
     p.add_argument("--cap-option", action="append", default=None, metavar="KEY=VALUE",
                    help="set any other CAPConfig field, e.g. --cap-option temperature=0.1 --cap-option w_u=0.1 "
                         "(repeatable; values are parsed as JSON, else taken as strings)")
 
-    p = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate a model on a GLUE dev set",
-                       description="Evaluate a model directory or a compressed export on a GLUE split.")
+    p = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate a model on a GLUE or SQuAD dev set",
+                       description="Evaluate a model directory or a compressed export on a GLUE split, or on SQuAD "
+                                   "v1.1 (--task squad: exact match and F1 of the official evaluator).")
     _add_common(p, train=False)
+    _add_squad(p)
     p.add_argument("--model", required=False, default=None,
                    help="model directory (transformers format or a capsparse compressed export); required")
     p.add_argument("--split", default="validation", help="split to evaluate (validation/dev, train, ...)")
@@ -344,7 +378,11 @@ def validate(args: argparse.Namespace) -> None:
               "a directory path")
         out = Path(args.output_dir)
         _need(not out.exists() or out.is_dir(), "--output-dir", args.output_dir, "a directory (it is a file)")
-    if hasattr(args, "task") and args.task is not None:
+    from .data.squad import is_squad_task
+
+    squad_ok = cmd in ("finetune", "prune", "eval")
+    squad = squad_ok and is_squad_task(getattr(args, "task", None))
+    if hasattr(args, "task") and args.task is not None and not squad:
         try:
             from .data import get_glue_task
 
@@ -352,13 +390,30 @@ def validate(args: argparse.Namespace) -> None:
         except ValueError:
             from .data import glue_task_names
 
-            raise CLIError(f"--task: got {args.task!r}, expected one of {', '.join(glue_task_names())}") from None
-    for flag in ("max_length", "batch_size", "eval_batch_size"):
-        if hasattr(args, flag):
+            extra = ", squad" if squad_ok else ""
+            names = ", ".join(glue_task_names())
+            raise CLIError(f"--task: got {args.task!r}, expected one of {names}{extra}") from None
+    for flag in ("max_length", "batch_size", "eval_batch_size", "max_query_length"):
+        if getattr(args, flag, None) is not None:
             v = getattr(args, flag)
             _need(_is_int(v) and v >= 1, "--" + flag.replace("_", "-"), v, "a positive integer")
-    if hasattr(args, "max_length"):
+    if getattr(args, "max_length", None) is not None:
         _need(args.max_length <= 4096, "--max-length", args.max_length, "at most 4096 tokens")
+    if squad and getattr(args, "doc_stride", None) is not None:
+        from .pipeline import SQUAD_MAX_LENGTH
+
+        length = args.max_length or SQUAD_MAX_LENGTH
+        _need(_is_int(args.doc_stride) and 0 <= args.doc_stride < length, "--doc-stride", args.doc_stride,
+              f"an integer in [0, --max-length) = [0, {length})")
+    if getattr(args, "squad_dir", None) is not None:
+        _need(Path(args.squad_dir).is_dir(), "--squad-dir", args.squad_dir, "an existing directory")
+    for flag in ("squad_train_file", "squad_dev_file"):
+        if getattr(args, flag, None) is not None:
+            _need(Path(getattr(args, flag)).is_file(), "--" + flag.replace("_", "-"), getattr(args, flag),
+                  "an existing SQuAD-format JSON file")
+    if squad and getattr(args, "eval_during_training", False):
+        raise CLIError("--eval-during-training: got it with --task squad, expected it only for GLUE tasks (SQuAD "
+                       "exact match / F1 is computed at the end of the run)")
     for flag in ("max_train_examples", "max_eval_examples", "max_steps", "logging_steps", "train_examples",
                  "teacher_steps", "prune_steps"):
         v = getattr(args, flag, None)
@@ -388,15 +443,24 @@ def validate(args: argparse.Namespace) -> None:
         if args.block_size is not None and method not in (None, "block-movement"):
             raise CLIError(f"--block-size: got {args.block_size!r} with --method {method}, expected --block-size "
                            f"only with --method block-movement")
+        if args.recipe is None:
+            from .pipeline import default_recipe
+
+            args.recipe = default_recipe(args.task, method)
         if method == "first-order" and args.recipe.endswith("unstructured"):
             args.recipe = args.recipe.replace("unstructured", "structured")
     if cmd in ("eval", "predict", "export"):
         _check_model("--model", args.model, required=True)
     if cmd == "eval":
         try:
-            from .data import get_glue_task
+            if squad:
+                from .pipeline import squad_split
 
-            get_glue_task(args.task).resolve_split(args.split)
+                squad_split(args.split)
+            else:
+                from .data import get_glue_task
+
+                get_glue_task(args.task).resolve_split(args.split)
         except ValueError as exc:
             raise CLIError(f"--split: got {args.split!r}, expected a split of {args.task} ({exc})") from None
     if cmd == "predict":

@@ -185,6 +185,10 @@ def export_compressed(model: nn.Module, path: PathLike, tokenizer=None, extra_me
 
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
+        import copy
+
+        config = copy.deepcopy(config)
+        config.architectures = [type(model).__name__]  # as save_pretrained: not the checkpoint it started from
         config.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -341,8 +345,11 @@ def size_report(path: PathLike) -> Dict[str, Any]:
             "ratio": (path / WEIGHTS_FILE).stat().st_size / meta["dense_bytes"] if meta.get("dense_bytes") else None}
 
 
-def load_any(path: PathLike, num_labels: Optional[int] = None, backend: Optional[str] = None) -> Tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a compressed export or an ordinary transformers directory / name."""
+def load_any(path: PathLike, num_labels: Optional[int] = None, backend: Optional[str] = None,
+             question_answering: bool = False) -> Tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a compressed export (its own model class, e.g. ``BertForQuestionAnswering``) or
+    an ordinary transformers directory / name (``AutoModelForSequenceClassification``, or
+    ``AutoModelForQuestionAnswering`` with ``question_answering=True``)."""
     import transformers
 
     from .models import resolve_model_path
@@ -351,7 +358,10 @@ def load_any(path: PathLike, num_labels: Optional[int] = None, backend: Optional
         return load_compressed(path, backend=backend, return_tokenizer=True)
     resolved = resolve_model_path(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(resolved)
-    kwargs = {} if num_labels is None else {"num_labels": num_labels}
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(resolved, **kwargs)
+    if question_answering:
+        model = transformers.AutoModelForQuestionAnswering.from_pretrained(resolved)
+    else:
+        kwargs = {} if num_labels is None else {"num_labels": num_labels}
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(resolved, **kwargs)
     model.eval()
     return model, tokenizer

@@ -22,14 +22,18 @@ def resolve_model_path(model: Optional[str]) -> str:
     return default_model_path() if model in (None, "default") else model
 
 
-def load_default(num_labels: Optional[int] = None, model: Optional[str] = None, **kwargs) -> Tuple[object, object]:
-    """``(model, tokenizer)``: a ``BertModel`` (``num_labels=None``) or a ``BertForSequenceClassification``
-    with a freshly initialised head, and its tokenizer. ``model`` overrides the default path."""
+def load_default(num_labels: Optional[int] = None, model: Optional[str] = None, question_answering: bool = False,
+                 **kwargs) -> Tuple[object, object]:
+    """``(model, tokenizer)``: a ``BertModel`` (``num_labels=None``), a ``BertForSequenceClassification`` or, with
+    ``question_answering=True``, a ``BertForQuestionAnswering`` (start/end logits), with a freshly initialised head
+    unless the checkpoint has one, and its tokenizer. ``model`` overrides the default path."""
     import transformers
 
     path = resolve_model_path(model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if num_labels is None:
+    if question_answering:
+        net = transformers.AutoModelForQuestionAnswering.from_pretrained(path, **kwargs)
+    elif num_labels is None:
         net = transformers.AutoModel.from_pretrained(path, **kwargs)
     else:
         if not isinstance(num_labels, int) or num_labels < 1:

@@ -4,6 +4,13 @@ Each flow takes a plain options dict (the CLI's parsed flags), writes a run dire
 ``metrics.json``, ``run.log``, PNG plots, model files) and returns its metrics dict. They can be called
 from Python as well, e.g. ``prune({"task": "sst2", "method": "movement", "cap": True, "sparsity": 0.9,
 "teacher": "runs/teacher/model", "output_dir": "runs/capm"})``.
+
+``task="squad"`` (SQuAD v1.1) runs ``finetune`` / ``prune`` / ``evaluate`` on a ``...ForQuestionAnswering``
+model: training features are question/context windows (``max_length``, ``doc_stride``, ``max_query_length``), one
+CAP bank row per feature; evaluation post-processes start/end logits into answers and reports the official
+``exact_match`` and ``f1`` (0-100). The data comes from ``squad_train_file`` / ``squad_dev_file``, else
+``squad_dir`` / ``$CAPSPARSE_SQUAD_DIR`` / ``../shared/squad`` (``train-v1.1.json``, ``dev-v1.1.json``), else
+the hub when reachable; otherwise a FileNotFoundError names where it looked, before any model is loaded.
 """
 from __future__ import annotations
 
@@ -16,19 +23,29 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .data.squad import is_squad_task
 from .runlog import RunDir, get_logger, machine_info, write_json
 
 log = get_logger("pipeline")
 
 # defaults shared by the CLI and direct calls
 DEFAULTS: Dict[str, Any] = dict(
-    task="sst2", glue_dir=None, model="default", max_length=128, batch_size=32, eval_batch_size=64,
+    task="sst2", glue_dir=None, model="default", max_length=None, batch_size=None, eval_batch_size=64,
     max_train_examples=None, max_eval_examples=None, epochs=3.0, max_steps=None, learning_rate=None,
     warmup_ratio=None, logging_steps=None, eval_during_training=False, group_by_length=False, seed=42,
     output_dir=None, threads=None,
-    teacher=None, method=None, cap=None, sparsity=None, block_size=None, recipe="glue-unstructured",
+    teacher=None, method=None, cap=None, sparsity=None, block_size=None, recipe=None,
     cap_options=None, cap_option=None, split="validation", fp16=False,
+    squad_dir=None, squad_train_file=None, squad_dev_file=None, doc_stride=128, max_query_length=64,
 )
+
+# task-dependent defaults (None above): GLUE as the official GLUE scripts, SQuAD as run_squad_*.sh
+GLUE_MAX_LENGTH, GLUE_BATCH_SIZE = 128, 32
+SQUAD_MAX_LENGTH, SQUAD_BATCH_SIZE = 384, 16
+def default_recipe(task, method=None) -> str:
+    """``glue-unstructured`` / ``squad-unstructured``, or ``*-structured`` for ``method="first-order"``."""
+    kind = "structured" if method == "first-order" else "unstructured"
+    return f"{'squad' if is_squad_task(task) else 'glue'}-{kind}"
 
 
 def _opts(options: Optional[Dict[str, Any]], **overrides) -> Dict[str, Any]:
@@ -39,6 +56,13 @@ def _opts(options: Optional[Dict[str, Any]], **overrides) -> Dict[str, Any]:
         from .cli import parse_cap_options
 
         out["cap_options"] = parse_cap_options(out["cap_option"])
+    squad = is_squad_task(out.get("task"))
+    if out.get("max_length") is None:
+        out["max_length"] = SQUAD_MAX_LENGTH if squad else GLUE_MAX_LENGTH
+    if out.get("batch_size") is None:
+        out["batch_size"] = SQUAD_BATCH_SIZE if squad else GLUE_BATCH_SIZE
+    if out.get("recipe") is None:
+        out["recipe"] = default_recipe(out.get("task"), out.get("method"))
     return out
 
 
@@ -47,10 +71,79 @@ def _default_output_dir(command: str, task: Optional[str]) -> str:
     return str(Path("runs") / f"{command}-{task or 'model'}-{stamp}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SquadTask:
+    """SQuAD v1.1 as a task (the GLUE flows use :class:`capsparse.data.GlueTask`)."""
+
+    name: str = "squad"
+    num_labels: int = 2  # start / end logits per token (the QA head's width)
+    label_names: tuple = ()
+    is_regression: bool = False
+    main_metric: str = "f1"
+
+
 def _task(task):
+    if is_squad_task(task):
+        return SquadTask()
     from .data import get_glue_task
 
     return get_glue_task(task)
+
+
+# -- SQuAD data ----------------------------------------------------------------------------------------------
+
+def squad_split(split: str) -> str:
+    """``"train"`` or ``"validation"`` (aliases dev / val / valid / eval); ValueError otherwise."""
+    from .data.squad import _SPLIT_ALIASES, SQUAD_FILES
+
+    name = _SPLIT_ALIASES.get(str(split).lower(), str(split).lower())
+    if name not in SQUAD_FILES:
+        raise ValueError(f"unknown SQuAD split {split!r}; expected one of train, validation (dev)")
+    return name
+
+
+def squad_source(o: Dict[str, Any], split: str) -> Optional[Path]:
+    """The SQuAD-format JSON for ``split``: ``squad_train_file`` / ``squad_dev_file``, else the first of
+    ``squad_dir`` > ``$CAPSPARSE_SQUAD_DIR`` > ``../shared/squad`` holding ``train-v1.1.json`` / ``dev-v1.1.json``;
+    ``None`` means the hub (reachable). Raises FileNotFoundError naming where it looked when there is neither."""
+    from .data.glue import hub_offline
+    from .data.squad import missing_squad_error, resolve_squad_file
+
+    split = squad_split(split)
+    flag = "--squad-train-file" if split == "train" else "--squad-dev-file"
+    explicit = o.get("squad_train_file") if split == "train" else o.get("squad_dev_file")
+    if explicit:
+        if not Path(explicit).is_file():
+            raise FileNotFoundError(f"{flag}: SQuAD file {explicit} does not exist")
+        return Path(explicit)
+    found = resolve_squad_file(split, o.get("squad_dir"))
+    if found is not None:
+        return found
+    if hub_offline():
+        raise missing_squad_error(split, o.get("squad_dir"))
+    log.warning("SQuAD %s not found locally; loading rajpurkar/squad from the hub", split)
+    return None
+
+
+def load_squad_split(tokenizer, o: Dict[str, Any], split: str, source: Optional[Path], max_examples=None,
+                     train: bool = False):
+    """``(examples, features)`` of a SQuAD split: training features (with ``idx``) or evaluation features."""
+    from .data.squad import load_squad, squad_eval_features, squad_train_features
+
+    examples = load_squad(squad_split(split), path=source, squad_dir=o.get("squad_dir"), max_examples=max_examples,
+                          seed=o["seed"])
+    kwargs = dict(max_length=o["max_length"], doc_stride=o["doc_stride"], max_query_length=o["max_query_length"])
+    features = (squad_train_features if train else squad_eval_features)(examples, tokenizer, **kwargs)
+    return examples, features
+
+
+def _check_squad_options(o: Dict[str, Any]) -> None:
+    if o.get("eval_during_training"):
+        raise ValueError("--eval-during-training: not available for --task squad (exact match / F1 need the "
+                         "answer post-processing); the dev set is evaluated at the end of the run")
+    if not 0 <= int(o["doc_stride"]) < int(o["max_length"]):
+        raise ValueError(f"--doc-stride: got {o['doc_stride']}, expected 0 <= doc stride < --max-length "
+                         f"({o['max_length']})")
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -117,6 +210,92 @@ def evaluate_model(model, tokenizer, dataset, task, batch_size: int = 64, desc: 
     return metrics
 
 
+def evaluate_squad(model, tokenizer, examples, features, batch_size: int = 64, desc: str = "eval",
+                   n_best: int = 20, max_answer_length: int = 30, predictions_path=None) -> Dict[str, Any]:
+    """SQuAD v1.1 ``exact_match`` / ``f1`` (0-100, official evaluator) of a QA model on evaluation ``features``
+    (from ``squad_eval_features``): start/end logits per feature (batches sorted by length), then
+    :func:`capsparse.data.postprocess_predictions` over each example's windows. ``predictions_path``: also write
+    ``{question id: answer}`` there as JSON."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data.squad import postprocess_predictions, squad_metrics
+
+    collator = make_collator(tokenizer)
+    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in features.column_names]
+    inputs = features.select_columns(cols)
+    lengths = [len(x) for x in inputs["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    starts, ends = [None] * len(order), [None] * len(order)
+    model.eval()
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            idx = order[i:i + batch_size].tolist()
+            batch = collator([inputs[j] for j in idx])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            s_log, e_log = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+            for j, s_row, e_row in zip(idx, s_log, e_log):
+                starts[j], ends[j] = s_row[:lengths[j]], e_row[:lengths[j]]
+    predictions = postprocess_predictions(examples, features, starts, ends, n_best=n_best,
+                                          max_answer_length=max_answer_length)
+    elapsed = time.perf_counter() - start
+    metrics: Dict[str, Any] = dict(squad_metrics(predictions, examples))
+    metrics.update(main_metric="f1", num_examples=int(len(examples)), num_features=int(len(features)),
+                   eval_seconds=elapsed, examples_per_second=len(examples) / elapsed if elapsed > 0 else None)
+    if predictions_path is not None:
+        write_json(predictions_path, predictions)
+    return metrics
+
+
+def _evaluate(t, model, tokenizer, dev, o: Dict[str, Any], desc: str, out: Optional[Path] = None):
+    """GLUE metrics on a tokenised dataset, or SQuAD EM/F1 on ``(examples, features)``."""
+    if is_squad_task(t):
+        examples, features = dev
+        return evaluate_squad(model, tokenizer, examples, features, o["eval_batch_size"], desc=desc,
+                              predictions_path=None if out is None else out / "predictions.json")
+    return evaluate_model(model, tokenizer, dev, t.name, o["eval_batch_size"], desc=desc)
+
+
+def _load_model(t, model: str):
+    """The student / dense model and its tokenizer: a QA model for SQuAD, a classifier for GLUE."""
+    from .models import load_default
+
+    if is_squad_task(t):
+        return load_default(model=model, question_answering=True)
+    net, tokenizer = load_default(t.num_labels, model=model)
+    if t.label_names:
+        net.config.id2label = dict(t.id2label)
+        net.config.label2id = dict(t.label2id)
+    return net, tokenizer
+
+
+def _load_train_dev(t, tokenizer, o: Dict[str, Any], sources=None):
+    """``(train, dev, description)``: SQuAD gives training features and ``(dev examples, dev features)``."""
+    if is_squad_task(t):
+        train_ex, train = load_squad_split(tokenizer, o, "train", sources["train"], o["max_train_examples"],
+                                           train=True)
+        dev_ex, dev_feats = load_squad_split(tokenizer, o, "validation", sources["validation"],
+                                             o["max_eval_examples"])
+        desc = (f"{len(train)} train features ({len(train_ex)} questions) / {len(dev_feats)} dev features "
+                f"({len(dev_ex)} questions), doc_stride {o['doc_stride']}")
+        return train, (dev_ex, dev_feats), desc
+    train = load_split(t.name, tokenizer, "train", o["glue_dir"], o["max_length"], o["max_train_examples"], o["seed"])
+    dev = load_split(t.name, tokenizer, "validation", o["glue_dir"], o["max_length"], o["max_eval_examples"], o["seed"])
+    return train, dev, f"{len(train)} train / {len(dev)} dev examples"
+
+
+def _squad_sources(t, o: Dict[str, Any], splits=("train", "validation")):
+    """Locate the SQuAD files first (fails fast, before any model is loaded); ``None`` for GLUE."""
+    if not is_squad_task(t):
+        return None
+    _check_squad_options(o)
+    return {squad_split(s): squad_source(o, s) for s in splits}
+
+
 # -- training arguments ---------------------------------------------------------------------------------------
 
 def training_arguments(o: Dict[str, Any], out: Path, learning_rate: float, n_train: int, remove_unused: bool = True,
@@ -179,40 +358,37 @@ def finetune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
     """Fine-tune a dense model (a KD teacher, or the dense reference). Saves ``<output_dir>/model``."""
     from transformers import Trainer
 
-    from .models import load_default
-
     o = _opts(options, **overrides)
     t = _task(o["task"])
+    squad = is_squad_task(t)
+    sources = _squad_sources(t, o)
     out = Path(o["output_dir"] or _default_output_dir("finetune", t.name))
     run = RunDir(out, command="finetune")
     o["output_dir"] = str(out)
     run.write_config(o)
     _seed(o["seed"])
     started = time.perf_counter()
-    model, tokenizer = load_default(t.num_labels, model=o["model"])
-    if t.label_names:
-        model.config.id2label = dict(t.id2label)
-        model.config.label2id = dict(t.label2id)
-    train = load_split(t.name, tokenizer, "train", o["glue_dir"], o["max_length"], o["max_train_examples"], o["seed"])
-    dev = load_split(t.name, tokenizer, "validation", o["glue_dir"], o["max_length"], o["max_eval_examples"], o["seed"])
+    model, tokenizer = _load_model(t, o["model"])
+    train, dev, data_desc = _load_train_dev(t, tokenizer, o, sources)
     lr = o["learning_rate"] or 5e-5
     args, total = training_arguments(o, out, lr, len(train),
                                      eval_strategy="steps" if o["eval_during_training"] else "no")
-    log.info("finetune %s: %d train / %d dev examples, %d steps, lr %g, batch %d, max_length %d", t.name, len(train),
-             len(dev), total, lr, o["batch_size"], o["max_length"])
+    log.info("finetune %s: %s, %d steps, lr %g, batch %d, max_length %d", t.name, data_desc, total, lr,
+             o["batch_size"], o["max_length"])
     trainer = Trainer(model=model, args=args, train_dataset=train,
                       eval_dataset=dev if o["eval_during_training"] else None,
                       processing_class=tokenizer, data_collator=make_collator(tokenizer),
-                      compute_metrics=make_compute_metrics(t.name), callbacks=[_ConsoleLogCallback()])
+                      compute_metrics=None if squad else make_compute_metrics(t.name),
+                      callbacks=[_ConsoleLogCallback()])
     train_out = trainer.train()
     train_seconds = time.perf_counter() - started
-    metrics = evaluate_model(model, tokenizer, dev, t.name, o["eval_batch_size"], desc="eval dev")
+    metrics = _evaluate(t, model, tokenizer, dev, o, desc="eval dev", out=out)
     model_dir = out / "model"
     trainer.model.save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     plots = _save_history(trainer, out)
     result = run.update_metrics(command="finetune", task=t.name, eval=metrics, train_loss=train_out.training_loss,
-                                train_steps=trainer.state.global_step, train_examples=len(train),
+                                train_steps=trainer.state.global_step, train_examples=len(train), data=data_desc,
                                 train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
                                 cpu_seconds=time.process_time(),
                                 model_dir=str(model_dir), plots=plots)
@@ -278,31 +454,68 @@ def fit_schedule(cfg, total_steps: int, explicit: Dict[str, Any]):
     return cfg
 
 
-def _load_teacher(path, num_labels: int):
+def _load_teacher(path, t):
+    from .cap.trainer import is_qa_model
     from .export import load_any
 
-    teacher, _ = load_any(path)
+    squad = is_squad_task(t)
+    teacher, _ = load_any(path, question_answering=squad)
+    if squad:
+        _check_qa_checkpoint(teacher, path, "--teacher")
+    elif is_qa_model(teacher):
+        raise ValueError(f"--teacher: {path!r} is a question-answering model ({type(teacher).__name__}); "
+                         f"expected a classifier for --task {t.name}")
     got = getattr(teacher.config, "num_labels", None)
-    if got != num_labels:
-        raise ValueError(f"--teacher: {path!r} has {got} labels, expected {num_labels} for the task")
+    if not squad and got != t.num_labels:
+        raise ValueError(f"--teacher: {path!r} has {got} labels, expected {t.num_labels} for the task")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
+def _check_qa_checkpoint(model, path, flag: str) -> None:
+    """A model that must already be a trained QA model (teacher, evaluated model): not a fresh QA head."""
+    from .cap.trainer import is_qa_model
+    from .export import is_compressed_dir
+
+    if not is_qa_model(model):
+        raise ValueError(f"{flag}: {path!r} is a {type(model).__name__}, expected a question-answering model "
+                         f"(...ForQuestionAnswering) for --task squad")
+    if is_compressed_dir(path):  # rebuilt from its own model class (capsparse.json), head included
+        return
+    archs = list(getattr(model.config, "architectures", None) or [])
+    if archs and not any(a.endswith("ForQuestionAnswering") for a in archs):
+        raise ValueError(f"{flag}: {path!r} has no trained question-answering head (architectures {archs}); "
+                         f"fine-tune one first with `capsparse finetune --task squad`")
+
+
+def check_squad_cap_config(cap_config) -> None:
+    """SQuAD has no class labels and its models no pooler: refuse supervised positives / the pooler early."""
+    if getattr(cap_config, "use_cap", False) and getattr(cap_config, "w_s", 0) > 0:
+        raise ValueError(f"--task squad: w_s={cap_config.w_s} asks for supervised contrastive positives, which need "
+                         f"class labels; use --recipe squad-unstructured / squad-structured (w_s=0) or "
+                         f"--cap-option w_s=0")
+    if getattr(cap_config, "use_cap", False) and getattr(cap_config, "representation", None) == "pooler":
+        raise ValueError("--task squad: representation='pooler' needs a pooler, which QA models lack; use the "
+                         "squad recipes (raw [CLS]) or --cap-option representation=cls")
+
+
 def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
     """Fine-prune a model with CAPTrainer (CAP or a plain baseline); saves ``<output_dir>/compressed``."""
     from .cap.trainer import CAPTrainer
     from .export import export_compressed, is_compressed_dir
-    from .models import load_default
 
     o = _opts(options, **overrides)
     t = _task(o["task"])
+    squad = is_squad_task(t)
     if o["model"] not in (None, "default") and is_compressed_dir(o["model"]):
         raise ValueError(f"--model: {o['model']!r} is a compressed export; prune starts from a dense transformers "
                          f"model directory")
     cap_config = build_cap_config(o, has_teacher=o["teacher"] is not None)
+    if squad:
+        check_squad_cap_config(cap_config)
+    sources = _squad_sources(t, o)
     label = method_label(cap_config)
     out = Path(o["output_dir"] or _default_output_dir(f"prune-{label}", t.name))
     run = RunDir(out, command="prune")
@@ -310,17 +523,13 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
     run.write_config(o, cap_config=cap_config.to_dict())
     _seed(o["seed"])
     started = time.perf_counter()
-    model, tokenizer = load_default(t.num_labels, model=o["model"])
-    if t.label_names:
-        model.config.id2label = dict(t.id2label)
-        model.config.label2id = dict(t.label2id)
-    teacher = _load_teacher(o["teacher"], t.num_labels) if o["teacher"] else None
+    model, tokenizer = _load_model(t, o["model"])
+    teacher = _load_teacher(o["teacher"], t) if o["teacher"] else None
     if teacher is None and (cap_config.w_kd > 0 or "fic" in cap_config.active_banks):
         log.warning("no --teacher: CAPTrainer first fine-tunes a dense copy for teacher_epochs=%g epochs (set "
                     "--teacher to reuse one, or --cap-option w_kd=0 with --no-cap for no teacher)",
                     cap_config.teacher_epochs)
-    train = load_split(t.name, tokenizer, "train", o["glue_dir"], o["max_length"], o["max_train_examples"], o["seed"])
-    dev = load_split(t.name, tokenizer, "validation", o["glue_dir"], o["max_length"], o["max_eval_examples"], o["seed"])
+    train, dev, data_desc = _load_train_dev(t, tokenizer, o, sources)
     lr = o["learning_rate"] or 3e-5
     if o.get("warmup_ratio") is None and not getattr(cap_config, "structured", False):
         o["warmup_ratio"] = SHORT_BUDGET_FRACTION  # the official LR warm-up is the schedule unit w
@@ -328,13 +537,14 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
                                      eval_strategy="steps" if o["eval_during_training"] else "no")
     cap_config = fit_schedule(cap_config, total, o.get("cap_options") or {})
     write_json(out / "cap_config.json", cap_config.to_dict())
-    log.info("prune %s with %s (target sparsity %.3f): %d train / %d dev examples, %d steps, lr %g, batch %d, "
-             "max_length %d, teacher %s", t.name, label, getattr(cap_config, "target_sparsity", float("nan")),
-             len(train), len(dev), total, lr, o["batch_size"], o["max_length"], o["teacher"])
+    log.info("prune %s with %s (target sparsity %.3f): %s, %d steps, lr %g, batch %d, max_length %d, teacher %s",
+             t.name, label, getattr(cap_config, "target_sparsity", float("nan")), data_desc, total, lr,
+             o["batch_size"], o["max_length"], o["teacher"])
     trainer = CAPTrainer(model=model, args=args, cap_config=cap_config, train_dataset=train,
                          eval_dataset=dev if o["eval_during_training"] else None, teacher=teacher,
                          processing_class=tokenizer, data_collator=make_collator(tokenizer),
-                         compute_metrics=make_compute_metrics(t.name), callbacks=[_ConsoleLogCallback()])
+                         compute_metrics=None if squad else make_compute_metrics(t.name),
+                         callbacks=[_ConsoleLogCallback()])
     train_out = trainer.train()
     train_seconds = time.perf_counter() - started
     model = trainer.model
@@ -343,7 +553,7 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
     if getattr(cap_config, "structured", False):
         compacted = trainer.compact()
     trainer.finalize()  # drop score parameters and hooks: plain SparseLinear layers with their masks remain
-    metrics = evaluate_model(model, tokenizer, dev, t.name, o["eval_batch_size"], desc="eval dev")
+    metrics = _evaluate(t, model, tokenizer, dev, o, desc="eval dev", out=out)
     export_dir = out / "compressed"
     meta = export_compressed(model, export_dir, tokenizer=tokenizer,
                              extra_metadata={"task": t.name, "method": label, "cap_config": cap_config.to_dict(),
@@ -353,7 +563,8 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
         command="prune", task=t.name, method=label, use_cap=bool(getattr(cap_config, "use_cap", False)),
         target_sparsity=getattr(cap_config, "target_sparsity", None), sparsity=report.get("global"),
         sparsity_report=report, eval=metrics, train_loss=train_out.training_loss, train_steps=trainer.state.global_step,
-        train_examples=len(train), train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
+        train_examples=len(train), data=data_desc, train_seconds=train_seconds,
+        wall_seconds=time.perf_counter() - started,
         cpu_seconds=time.process_time(),
         export_dir=str(export_dir), export_bytes=meta["file_bytes"], dense_bytes=meta["dense_bytes"], plots=plots,
         teacher=o["teacher"], compacted=compacted)
@@ -380,20 +591,35 @@ def prune_from_args(options: Dict[str, Any]) -> Dict[str, Any]:
 # -- evaluate / export / predict -------------------------------------------------------------------------------------
 
 def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
-    """Evaluate a transformers directory or a compressed export on a GLUE split."""
+    """Evaluate a transformers directory or a compressed export on a GLUE split (or SQuAD: exact match / F1)."""
+    from .cap.trainer import is_qa_model
     from .export import encoder_sparsity, load_any
 
     o = _opts(options, **overrides)
     t = _task(o["task"])
-    model, tokenizer = load_any(o["model"])
-    if getattr(model.config, "num_labels", t.num_labels) != t.num_labels:
+    squad = is_squad_task(t)
+    if squad:
+        _check_squad_options(o)
+    source = squad_source(o, o["split"]) if squad else None  # before loading anything
+    model, tokenizer = load_any(o["model"], question_answering=squad)
+    if squad:
+        _check_qa_checkpoint(model, o["model"], "--model")
+    elif is_qa_model(model):
+        raise ValueError(f"--model: {o['model']!r} is a question-answering model ({type(model).__name__}); "
+                         f"evaluate it with --task squad")
+    elif getattr(model.config, "num_labels", t.num_labels) != t.num_labels:
         raise ValueError(f"--model: {o['model']!r} has {model.config.num_labels} labels, expected {t.num_labels} "
                          f"for --task {t.name}")
     run = RunDir(o["output_dir"], command="eval") if o["output_dir"] else None
     if run:
         run.write_config(o)
-    data = load_split(t.name, tokenizer, o["split"], o["glue_dir"], o["max_length"], o["max_eval_examples"], o["seed"])
-    metrics = evaluate_model(model, tokenizer, data, t.name, o["eval_batch_size"], desc=f"eval {o['split']}")
+    if squad:
+        data = load_squad_split(tokenizer, o, o["split"], source, o["max_eval_examples"])
+    else:
+        data = load_split(t.name, tokenizer, o["split"], o["glue_dir"], o["max_length"], o["max_eval_examples"],
+                          o["seed"])
+    metrics = _evaluate(t, model, tokenizer, data, o, desc=f"eval {o['split']}",
+                        out=Path(o["output_dir"]) if run else None)
     sp = encoder_sparsity(model)
     metrics["sparsity"] = sp["global"] if sp["total"] else 0.0
     line = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "eval_seconds")
@@ -423,7 +649,11 @@ def export(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, A
         import transformers
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(src)
+        arch = (transformers.AutoConfig.from_pretrained(src).architectures or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None  # e.g. BertForQuestionAnswering keeps its head
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            cls = transformers.AutoModelForSequenceClassification
+        model = cls.from_pretrained(src)
         sparsify(model, block_size=o.get("block_size"))
         with torch.no_grad():
             for _, mod in sparse_layers(model):
@@ -452,8 +682,13 @@ def predict(options: Optional[Dict[str, Any]] = None, **overrides) -> List[Dict[
 
     from .export import load_any
 
+    from .cap.trainer import is_qa_model
+
     o = _opts(options, **overrides)
     model, tokenizer = load_any(o["model"])
+    if is_qa_model(model):
+        raise ValueError(f"--model: {o['model']!r} is a question-answering model; predict classifies sentences "
+                         f"(evaluate QA models with `capsparse eval --task squad`)")
     texts = list(o.get("text") or [])
     if o.get("input"):
         stream = sys.stdin if o["input"] == "-" else open(o["input"], encoding="utf-8")

@@ -21,10 +21,14 @@ from .squad import (
     load_squad,
     load_squad_json,
     normalize_answer,
+    missing_squad_error,
     postprocess_predictions,
     prepare_eval_features,
     prepare_train_features,
+    resolve_squad_file,
+    squad_eval_features,
     squad_metrics,
+    squad_train_features,
 )
 
 __all__ = [
@@ -44,8 +48,12 @@ __all__ = [
     "load_squad",
     "load_squad_json",
     "normalize_answer",
+    "missing_squad_error",
     "postprocess_predictions",
     "prepare_eval_features",
     "prepare_train_features",
+    "resolve_squad_file",
+    "squad_eval_features",
     "squad_metrics",
+    "squad_train_features",
 ]

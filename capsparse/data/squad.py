@@ -21,10 +21,17 @@ import numpy as np
 
 from .glue import _REPO_ROOT, PathLike, _subset_indices, hub_offline
 
+SQUAD_TASKS = ("squad",)  # the --task names of SQuAD v1.1
 SQUAD_DIR_ENV = "CAPSPARSE_SQUAD_DIR"
 HUB_DATASET = "rajpurkar/squad"
 SQUAD_FILES = {"train": "train-v1.1.json", "validation": "dev-v1.1.json"}
 _SPLIT_ALIASES = {"dev": "validation", "val": "validation", "valid": "validation", "eval": "validation"}
+
+
+def is_squad_task(task) -> bool:
+    """True for ``"squad"`` (SQuAD v1.1 extractive question answering), a name or an object with ``.name``."""
+    name = getattr(task, "name", task)
+    return isinstance(name, str) and name.strip().lower() in SQUAD_TASKS
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,22 +102,47 @@ def load_squad_json(path: PathLike, max_examples: Optional[int] = None, seed: in
     return datasets.Dataset.from_dict(cols, features=_squad_features())
 
 
-def resolve_squad_file(split: str = "validation", squad_dir: Optional[PathLike] = None) -> Optional[Path]:
-    """``squad_dir`` > ``$CAPSPARSE_SQUAD_DIR`` > ``../shared/squad`` (from CWD, then the repo root), holding
-    ``train-v1.1.json`` / ``dev-v1.1.json``. Returns the file path if it exists, else None."""
+def squad_candidates(split: str = "validation", squad_dir: Optional[PathLike] = None) -> List[Path]:
+    """The files :func:`resolve_squad_file` looks at, in order: ``squad_dir`` > ``$CAPSPARSE_SQUAD_DIR`` >
+    ``../shared/squad`` (from CWD, then the repo root), each joined with ``train-v1.1.json`` / ``dev-v1.1.json``."""
     split = _SPLIT_ALIASES.get(split, split)
     fname = SQUAD_FILES[split]
     dirs: List[Path] = []
-    if squad_dir is not None:
-        dirs.append(Path(squad_dir))
+    if squad_dir is not None and str(squad_dir) != "":
+        dirs.append(Path(os.path.expanduser(str(squad_dir))))
     elif os.environ.get(SQUAD_DIR_ENV, "").strip():
-        dirs.append(Path(os.environ[SQUAD_DIR_ENV].strip()))
+        dirs.append(Path(os.path.expanduser(os.environ[SQUAD_DIR_ENV].strip())))
     else:
-        dirs += [(Path.cwd() / ".." / "shared" / "squad").resolve(), (_REPO_ROOT / ".." / "shared" / "squad").resolve()]
-    for d in dirs:
-        if (d / fname).is_file():
-            return d / fname
+        for base in (Path.cwd(), _REPO_ROOT):
+            d = (base / ".." / "shared" / "squad").resolve()
+            if d not in dirs:
+                dirs.append(d)
+    return [d / fname for d in dirs]
+
+
+def resolve_squad_file(split: str = "validation", squad_dir: Optional[PathLike] = None) -> Optional[Path]:
+    """``squad_dir`` > ``$CAPSPARSE_SQUAD_DIR`` > ``../shared/squad`` (from CWD, then the repo root), holding
+    ``train-v1.1.json`` / ``dev-v1.1.json``. Returns the file path if it exists, else None."""
+    for f in squad_candidates(split, squad_dir):
+        if f.is_file():
+            return f
     return None
+
+
+def missing_squad_error(split: str, squad_dir: Optional[PathLike] = None) -> FileNotFoundError:
+    """The error for a SQuAD split found neither locally nor on the hub: names every path looked at and how to
+    provide the data."""
+    split = _SPLIT_ALIASES.get(split, split)
+    looked = [str(p) for p in squad_candidates(split, squad_dir)]
+    if squad_dir is None and not os.environ.get(SQUAD_DIR_ENV, "").strip():
+        looked.insert(0, f"${SQUAD_DIR_ENV} (unset)")
+    return FileNotFoundError(
+        f"SQuAD v1.1 {split} ({SQUAD_FILES[split]}) not found locally (looked in: {', '.join(looked)}) and the "
+        f"Hugging Face hub is not reachable (offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set or no network), so "
+        f"nothing was downloaded. Provide SQuAD-format JSON with --squad-dir DIR or the {SQUAD_DIR_ENV} environment "
+        f"variable (DIR holds train-v1.1.json and dev-v1.1.json), or name the files with --squad-train-file / "
+        f"--squad-dev-file (Python: load_squad(path=...))."
+    )
 
 
 def load_squad(
@@ -132,11 +164,7 @@ def load_squad(
     if local is not None:
         return load_squad_json(local, max_examples=max_examples, seed=seed)
     if hub_offline():
-        raise FileNotFoundError(
-            f"SQuAD v1.1 {split} ({SQUAD_FILES[split]}) not found locally (squad_dir={squad_dir}, "
-            f"${SQUAD_DIR_ENV}={os.environ.get(SQUAD_DIR_ENV)!r}, ../shared/squad) and the hub is not reachable "
-            f"(offline); pass a SQuAD-format JSON path or set {SQUAD_DIR_ENV}."
-        )
+        raise missing_squad_error(split, squad_dir)
     import datasets
 
     ds = datasets.load_dataset(HUB_DATASET, split=split)
@@ -239,6 +267,33 @@ def prepare_eval_features(examples: Mapping[str, list], tokenizer, max_length: i
     out["example_id"] = example_ids
     out["offset_mapping"] = offset_mapping
     return out
+
+
+_MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def squad_train_features(examples, tokenizer, max_length: int = 384, doc_stride: int = 128,
+                         max_query_length: int = 64):
+    """Training features of a loaded SQuAD split (``datasets.Dataset``): the model columns,
+    ``start_positions`` / ``end_positions`` and ``idx`` = the feature id ``0..n_features-1`` (CAP's banks hold one
+    representation per feature, i.e. per window)."""
+    feats = examples.map(prepare_train_features, batched=True, remove_columns=examples.column_names,
+                         keep_in_memory=True, desc="SQuAD train features",
+                         fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, doc_stride=doc_stride,
+                                        max_query_length=max_query_length))
+    feats = feats.add_column("idx", list(range(len(feats))))
+    order = [c for c in _MODEL_COLUMNS + ("start_positions", "end_positions", "idx") if c in feats.column_names]
+    return feats.select_columns(order)
+
+
+def squad_eval_features(examples, tokenizer, max_length: int = 384, doc_stride: int = 128,
+                        max_query_length: int = 64):
+    """Evaluation features of a loaded SQuAD split: the model columns, ``example_id`` and ``offset_mapping``
+    (for :func:`postprocess_predictions`)."""
+    return examples.map(prepare_eval_features, batched=True, remove_columns=examples.column_names,
+                        keep_in_memory=True, desc="SQuAD eval features",
+                        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, doc_stride=doc_stride,
+                                       max_query_length=max_query_length))
 
 
 # ---------------------------------------------------------------------------------------------------------
