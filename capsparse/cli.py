@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model to prune (the student's start): a directory, hub name or 'default'")
     p.add_argument("--teacher", default=None,
                    help="fine-tuned dense teacher for distillation (directory; a compressed export works too). "
-                        "Without one, distillation is switched off (w_kd=0, w_ce=1)")
+                        "Without one, and with KD or the FiC bank on, a dense copy of --model is first fine-tuned "
+                        "for teacher_epochs (--cap-option teacher_epochs=N) and used as the teacher")
     p.add_argument("--method", choices=METHODS, default=None,
                    help="pruning criterion (default: the recipe's: movement for *-unstructured, first-order for "
                         "*-structured)")

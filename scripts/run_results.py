@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Measured SST-2 results on the default model: dense teacher, movement vs CAP-m (90%, 97%), block movement vs
 CAP + block movement (90%), optionally soft movement vs CAP-soft; several seeds, same budget for a method and its
-CAP version. Every run is a `capsparse` CLI invocation with its own run directory.
+CAP version. Every run is a `capsparse` CLI invocation with its own run directory. The defaults are the budget of
+docs/results.md (600 steps at batch 16 on 4,000 SST-2 sentences per pruning run; a 600-step teacher on 8,000).
 
     # run everything that is missing (resumable: finished runs are skipped), then write the tables
     python scripts/run_results.py run --out runs/results --seeds 0 1 2
@@ -9,8 +10,8 @@ CAP version. Every run is a `capsparse` CLI invocation with its own run director
     python scripts/run_results.py collect --out runs/results
 
 Writes ``<out>/results.md``, ``results.csv``, ``results.json`` and ``accuracy_vs_sparsity.png`` after every run,
-so a partial set still has its tables. Runs go pair by pair (all seeds of movement-90 and CAP-m-90, then the 97%
-pair, then block), each baseline next to its CAP version (with --jobs 2 they run side by side), so that an
+so a partial set still has its tables. Runs go pair by pair in the order of --configs (all seeds of the first pair,
+then the next pair), each baseline next to its CAP version (with --jobs 2 they run side by side), so that an
 interrupted set still has complete matched pairs.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ CONFIGS = {
     "soft-90": ("soft movement", ["--method", "soft-movement", "--no-cap", "--sparsity", "0.9"]),
     "capsoft-90": ("CAP-soft", ["--method", "soft-movement", "--cap", "--sparsity", "0.9"]),
 }
-DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "block-90", "capblock-90"]
+DEFAULT_CONFIGS = ["magnitude-90", "capmag-90", "block-90", "capblock-90", "movement-90", "capm-90", "movement-97",
+                   "capm-97"]
 PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("block-90", "capblock-90"),
          ("soft-90", "capsoft-90"), ("magnitude-90", "capmag-90")]
 
@@ -162,6 +164,14 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _plot_title(meta) -> str:
+    budget = (meta or {}).get("budget", {})
+    if not budget:
+        return "SST-2 dev, all-MiniLM-L6-v2"
+    return (f"SST-2 dev, all-MiniLM-L6-v2, {budget.get('steps')} steps x batch {budget.get('batch_size')} "
+            f"on {budget.get('train_examples')} sentences")
+
+
 def collect(out) -> dict:
     """Aggregate finished runs under ``out`` into results.{md,csv,json} and accuracy_vs_sparsity.png."""
     out = Path(out)
@@ -239,7 +249,7 @@ def collect(out) -> dict:
         dense = next((r["mean"] for r in rows if r["config"] == "dense"), None)
         plot_rows = [dict(r, method=r["method"]) for r in rows if r["config"] != "dense"]
         plot_accuracy_vs_sparsity(plot_rows, out / "accuracy_vs_sparsity.png", metric="SST-2 dev accuracy (%)",
-                                  dense=dense, title="SST-2 dev, all-MiniLM-L6-v2, short CPU budget")
+                                  dense=dense, title=_plot_title(result.get("meta")))
     except Exception as exc:  # noqa: BLE001 - the tables matter more than the plot
         log(f"plot failed: {exc}")
     return result
@@ -252,13 +262,13 @@ def main(argv=None) -> int:
     r.add_argument("--out", default="runs/results", help="results directory")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (data subset + init)")
     r.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS), help="pruning runs")
-    r.add_argument("--train-examples", type=int, default=1000, help="SST-2 training subset per pruning run")
-    r.add_argument("--steps", type=int, default=60, help="optimizer steps per pruning run")
+    r.add_argument("--train-examples", type=int, default=4000, help="SST-2 training subset per pruning run")
+    r.add_argument("--steps", type=int, default=600, help="optimizer steps per pruning run")
     r.add_argument("--lr", type=float, default=1e-4, help="weight learning rate of the pruning runs")
     r.add_argument("--max-length", type=int, default=64, help="max tokens (dynamic padding)")
-    r.add_argument("--batch-size", type=int, default=32, help="batch size")
-    r.add_argument("--teacher-examples", type=int, default=2000, help="SST-2 training subset for the teacher")
-    r.add_argument("--teacher-steps", type=int, default=60, help="teacher fine-tuning steps")
+    r.add_argument("--batch-size", type=int, default=16, help="batch size")
+    r.add_argument("--teacher-examples", type=int, default=8000, help="SST-2 training subset for the teacher")
+    r.add_argument("--teacher-steps", type=int, default=600, help="teacher fine-tuning steps")
     r.add_argument("--teacher-lr", type=float, default=1e-4, help="teacher learning rate")
     r.add_argument("--teacher-seed", type=int, default=0, help="seed of the shared teacher")
     r.add_argument("--dense-seeds", action="store_true", help="also fine-tune a dense model per seed (dense mean±std)")
