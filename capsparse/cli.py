@@ -188,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", default=False,
                    help="tiny budget (a smoke test: numbers are not meaningful)")
     p.add_argument("--train-examples", type=int, default=None,
-                   help="SST-2 training subset size (default 2000; --quick 256)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher fine-tuning steps (default 60; --quick 8)")
+                   help="SST-2 training subset size (default 4000; --quick 256)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher fine-tuning steps (default 300; --quick 8)")
     p.add_argument("--prune-steps", type=int, default=None,
-                   help="pruning steps per method (default 120; --quick 12)")
+                   help="pruning steps per method (default 300; --quick 12)")
     p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity for both pruned models")
     p.add_argument("--student-init", choices=("teacher", "pretrained"), default="teacher",
                    help="start both pruned models from the briefly fine-tuned teacher (a few hundred steps cannot "

@@ -14,6 +14,8 @@ the hub when reachable; otherwise a FileNotFoundError names where it looked, bef
 """
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import datetime as _dt
 import json
@@ -755,9 +757,9 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
     quick = bool(o.get("quick"))
     out = Path(o["output_dir"] or "runs/demo")
     run = RunDir(out, command="demo", sticky=True)
-    n_train = o.get("train_examples") or (256 if quick else 2000)
-    teacher_steps = o.get("teacher_steps") or (8 if quick else 60)
-    prune_steps = o.get("prune_steps") or (12 if quick else 120)
+    n_train = o.get("train_examples") or (256 if quick else 4000)
+    teacher_steps = o.get("teacher_steps") or (8 if quick else 300)
+    prune_steps = o.get("prune_steps") or (12 if quick else 300)
     n_eval = o.get("max_eval_examples") or (128 if quick else None)
     lr = o.get("learning_rate") or 1e-4
     o.update(output_dir=str(out), train_examples=n_train, teacher_steps=teacher_steps, prune_steps=prune_steps)
@@ -811,8 +813,27 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
           f"compressed exports)")
     if quick:
         print("(--quick: a smoke run, the numbers are not meaningful)")
+    majority = _majority_share(ttok, o, n_eval)
+    if majority is not None and any(abs(r["accuracy"] - majority) < 0.01 for r in rows[1:]):
+        print(f"\nA pruned model scores within 1 point of the majority-class share of these dev examples "
+              f"({100 * majority:.2f}%): it predicts one class. Movement scores need thousands of steps before "
+              f"they rank weights well; in a short run the first pruning steps remove salient weights and the "
+              f"student collapses (docs/results.md, 'Why short movement runs collapse').")
     print("\n" + FULL_RECIPE_HINT)
     return {"rows": rows, "wall_seconds": total, "results": results}
+
+
+def _majority_share(tokenizer, o, n_eval) -> Optional[float]:
+    """Share of the most frequent label among the evaluated SST-2 dev examples (None if they cannot be read)."""
+    try:
+        labels = load_split("sst2", tokenizer, "validation", glue_dir=o["glue_dir"], max_length=o["max_length"],
+                            max_examples=n_eval, seed=o["seed"])["labels"]
+    except Exception:  # noqa: BLE001 - only a hint in the demo's printout
+        return None
+    if not len(labels):
+        return None
+    counts = collections.Counter(int(x) for x in labels)
+    return max(counts.values()) / len(labels)
 
 
 def demo_from_args(options: Dict[str, Any]) -> Dict[str, Any]:

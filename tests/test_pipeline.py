@@ -148,3 +148,33 @@ def test_results_collect_tables_and_plot(tmp_path):
     for f in ("results.md", "results.csv", "results.json", "accuracy_vs_sparsity.png"):
         assert (tmp_path / f).is_file(), f
     assert "| CAP-m | 90.0% | 83.00 ± 1.00 | 3 |" in (tmp_path / "results.md").read_text()
+
+
+@needs_glue
+def test_demo_tiny_budget(tiny_model_dir, tmp_path, capsys):
+    """`capsparse demo` end to end on a tiny model: teacher, CAP-m and movement rows, exports, table, hint."""
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--model", str(tiny_model_dir), "--quick", "--train-examples", "64", "--teacher-steps",
+                     "2", "--prune-steps", "6", "--max-eval-examples", "48", "--batch-size", "16",
+                     "--output-dir", str(out), "--seed", "3"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    methods = [r["method"] for r in metrics["rows"]]
+    assert methods == ["dense teacher", "CAP-m", "movement"]
+    for row in metrics["rows"][1:]:
+        assert row["sparsity"] == pytest.approx(0.9, abs=0.01) and 0 < row["bytes"] < metrics["rows"][0]["bytes"]
+    table = (out / "demo_table.md").read_text()
+    assert table.count("\n") == 5 and "CAP-m" in table
+    for sub in ("teacher", "cap-m", "movement"):
+        assert (out / sub / "metrics.json").is_file()
+    printed = capsys.readouterr().out
+    assert "Full-size recipe" in printed
+    # the collapse hint appears exactly when a pruned model sits at the majority-class share of the dev subset
+    from capsparse.pipeline import _majority_share
+    import transformers as tf
+
+    share = _majority_share(tf.AutoTokenizer.from_pretrained(tiny_model_dir),
+                            {"glue_dir": None, "max_length": 64, "seed": 3}, 48)
+    assert 0.5 <= share <= 1.0
+    collapsed = any(abs(r["accuracy"] - share) < 0.01 for r in metrics["rows"][1:])
+    assert ("predicts one class" in printed) == collapsed
