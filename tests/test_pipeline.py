@@ -178,3 +178,29 @@ def test_demo_tiny_budget(tiny_model_dir, tmp_path, capsys):
     assert 0.5 <= share <= 1.0
     collapsed = any(abs(r["accuracy"] - share) < 0.01 for r in metrics["rows"][1:])
     assert ("predicts one class" in printed) == collapsed
+
+
+@needs_glue
+def test_movement_probe_script(tiny_model_dir, tmp_path):
+    """scripts/movement_probe.py on a tiny model: one row per criterion and fraction, consistent salient shares."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("movement_probe", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "movement_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe"
+    assert probe.main(["--model", str(tiny_model_dir), "--out", str(out), "--steps", "3", "--train-examples", "64",
+                       "--fractions", "0.25", "0.5", "--max-length", "32", "--threads", "1"]) == 0
+    result = json.loads((out / "probe.json").read_text())
+    rows = result["rows"]
+    assert [(r["fraction_pruned"], r["criterion"]) for r in rows] == [(f, c) for f in (0.25, 0.5)
+                                                                       for c in probe.CRITERIA]
+    for r in rows:
+        assert 0.0 <= r["dev_accuracy"] <= 1.0 and 0.0 <= r["salient_removed"] <= 1.0
+        if r["criterion"] == "abs-taylor":  # ranks by the saliency itself: the top 1% is always kept
+            assert r["salient_removed"] == 0.0
+    table_rows = [line for line in (out / "probe.md").read_text().splitlines() if line.startswith(("| 25.0%", "| 50.0%"))]
+    assert len(table_rows) == 2 and all(line.count("|") == len(probe.CRITERIA) + 2 for line in table_rows)
+    with pytest.raises(SystemExit):
+        probe.main(["--model", str(tiny_model_dir), "--fractions", "1.5"])
