@@ -177,33 +177,43 @@ def make_compute_metrics(task):
     return compute
 
 
-def evaluate_model(model, tokenizer, dataset, task, batch_size: int = 64, desc: str = "eval") -> Dict[str, Any]:
-    """Metrics of ``model`` on a tokenised dataset (own loop with a tqdm bar; batches sorted by length)."""
+def _length_sorted_outputs(model, tokenizer, dataset, batch_size: int, desc: str, rows_of):
+    """Run ``model`` over a tokenised dataset in batches of similar length (little padding; tqdm bar).
+
+    ``rows_of(output)`` turns one batch's model output into per-example rows; returns ``(rows in dataset order,
+    token lengths, seconds)``."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from .data.metrics import compute_glue_metrics, main_metric
-
-    t = _task(task)
     collator = make_collator(tokenizer)
-    lengths = [len(x) for x in dataset["input_ids"]]
-    order = np.argsort(lengths, kind="stable")
     cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
-    logits_all = [None] * len(order)
+    inputs = dataset.select_columns(cols)
+    lengths = [len(x) for x in inputs["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    rows = [None] * len(order)
     model.eval()
     start = time.perf_counter()
     device = next(model.parameters()).device
     with torch.inference_mode():
         for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
             idx = order[i:i + batch_size].tolist()
-            batch = collator([{c: dataset[j][c] for c in cols} for j in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch).logits.float().cpu().numpy()
-            for j, row in zip(idx, out):
-                logits_all[j] = row
-    elapsed = time.perf_counter() - start
-    logits = np.stack(logits_all) if logits_all else np.zeros((0, t.num_labels))
+            batch = {k: v.to(device) for k, v in collator([inputs[j] for j in idx]).items()}
+            for j, row in zip(idx, rows_of(model(**batch))):
+                rows[j] = row
+    return rows, lengths, time.perf_counter() - start
+
+
+def evaluate_model(model, tokenizer, dataset, task, batch_size: int = 64, desc: str = "eval") -> Dict[str, Any]:
+    """Metrics of ``model`` on a tokenised dataset (own loop with a tqdm bar; batches sorted by length)."""
+    import numpy as np
+
+    from .data.metrics import compute_glue_metrics, main_metric
+
+    t = _task(task)
+    rows, _, elapsed = _length_sorted_outputs(model, tokenizer, dataset, batch_size, desc,
+                                              lambda out: out.logits.float().cpu().numpy())
+    logits = np.stack(rows) if rows else np.zeros((0, t.num_labels))
     labels = np.asarray(dataset["labels"])
     preds = logits.reshape(-1) if t.is_regression else logits.argmax(-1)
     metrics = compute_glue_metrics(t.name, logits if not t.is_regression else preds, labels)
@@ -218,33 +228,16 @@ def evaluate_squad(model, tokenizer, examples, features, batch_size: int = 64, d
     (from ``squad_eval_features``): start/end logits per feature (batches sorted by length), then
     :func:`capsparse.data.postprocess_predictions` over each example's windows. ``predictions_path``: also write
     ``{question id: answer}`` there as JSON."""
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
     from .data.squad import postprocess_predictions, squad_metrics
 
-    collator = make_collator(tokenizer)
-    cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in features.column_names]
-    inputs = features.select_columns(cols)
-    lengths = [len(x) for x in inputs["input_ids"]]
-    order = np.argsort(lengths, kind="stable")
-    starts, ends = [None] * len(order), [None] * len(order)
-    model.eval()
-    start = time.perf_counter()
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            idx = order[i:i + batch_size].tolist()
-            batch = collator([inputs[j] for j in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
-            s_log, e_log = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
-            for j, s_row, e_row in zip(idx, s_log, e_log):
-                starts[j], ends[j] = s_row[:lengths[j]], e_row[:lengths[j]]
+    def start_end(out):
+        return zip(out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy())
+
+    rows, lengths, elapsed = _length_sorted_outputs(model, tokenizer, features, batch_size, desc, start_end)
+    starts = [s[:n] for (s, _), n in zip(rows, lengths)]
+    ends = [e[:n] for (_, e), n in zip(rows, lengths)]
     predictions = postprocess_predictions(examples, features, starts, ends, n_best=n_best,
                                           max_answer_length=max_answer_length)
-    elapsed = time.perf_counter() - start
     metrics: Dict[str, Any] = dict(squad_metrics(predictions, examples))
     metrics.update(main_metric="f1", num_examples=int(len(examples)), num_features=int(len(features)),
                    eval_seconds=elapsed, examples_per_second=len(examples) / elapsed if elapsed > 0 else None)
