@@ -59,9 +59,15 @@ def log(msg: str) -> None:
     print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def budget_flags(a) -> list:
+def budget_flags(a, train_examples: int) -> list:
     return ["--task", "sst2", "--max-length", str(a.max_length), "--batch-size", str(a.batch_size),
-            "--max-train-examples", str(a.train_examples), "--eval-batch-size", "128", "--group-by-length"]
+            "--max-train-examples", str(train_examples), "--eval-batch-size", "128", "--group-by-length"]
+
+
+def dense_cmd(a, seed: int) -> list:
+    """Dense fine-tune with the teacher's budget (the teacher itself, or a dense row of another seed)."""
+    return ["finetune", *budget_flags(a, a.teacher_examples), "--max-steps", str(a.teacher_steps),
+            "--learning-rate", str(a.teacher_lr), "--seed", str(seed)]
 
 
 def _done(run_dir: Path) -> bool:
@@ -108,9 +114,7 @@ def cmd_run(a) -> int:
     meta["machine"] = machine_info()
     (out / "run_meta.json").write_text(json.dumps(meta, indent=2))
     teacher_dir = out / "dense" / f"seed{a.teacher_seed}"
-    teacher_cmd = ["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
-                   "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed",
-                   str(a.teacher_seed)]
+    teacher_cmd = dense_cmd(a, a.teacher_seed)
     # a teacher run still in progress (e.g. from an earlier invocation of this script): wait for it
     while (teacher_dir / "stdout.log").is_file() and not _done(teacher_dir) \
             and time.time() - (teacher_dir / "stdout.log").stat().st_mtime < 300:
@@ -123,9 +127,7 @@ def cmd_run(a) -> int:
     if a.dense_seeds:
         for seed in a.seeds:
             if seed != a.teacher_seed:
-                tasks.append((["finetune", *budget_flags(a), "--max-train-examples", str(a.teacher_examples),
-                               "--max-steps", str(a.teacher_steps), "--learning-rate", str(a.teacher_lr), "--seed",
-                               str(seed)], out / "dense" / f"seed{seed}"))
+                tasks.append((dense_cmd(a, seed), out / "dense" / f"seed{seed}"))
     order = []
     for i in range(0, len(a.configs), 2):
         group = a.configs[i:i + 2]
@@ -134,7 +136,7 @@ def cmd_run(a) -> int:
     for name, seed in order:
         _, flags = CONFIGS[name]
         student = ["--model", str(teacher_model)] if a.student_init == "teacher" else []
-        cmd = ["prune", *budget_flags(a), *flags, *student, "--teacher", str(teacher_model),
+        cmd = ["prune", *budget_flags(a, a.train_examples), *flags, *student, "--teacher", str(teacher_model),
                "--max-steps", str(a.steps), "--learning-rate", str(a.lr), "--seed", str(seed)]
         for opt in a.cap_option or []:
             cmd += ["--cap-option", opt]
@@ -177,6 +179,9 @@ def collect(out) -> dict:
     out = Path(out)
     rows = []
     names = ["dense"] + list(CONFIGS)
+    meta_path = out / "run_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    teacher_seed = (meta or {}).get("budget", {}).get("teacher_seed", 0)
     per_seed = {}
     for name in names:
         d = out / name
@@ -200,7 +205,8 @@ def collect(out) -> dict:
             per_seed.setdefault(name, {})[seed] = 100 * m["eval"]["accuracy"]
         if not accs:
             continue
-        label = "dense teacher" if name == "dense" else CONFIGS[name][0]
+        label = CONFIGS[name][0] if name != "dense" else (
+            "dense teacher" if len(accs) == 1 else f"dense (seed {teacher_seed} is the teacher)")
         mean, std = _mean_std(accs)
         rows.append({"config": name, "method": label, "sparsity": statistics.fmean(sps), "n_seeds": len(accs),
                      "seeds": seeds, "accuracies": accs, "mean": mean, "std": std,
@@ -218,9 +224,8 @@ def collect(out) -> dict:
             diffs.append({"baseline": base, "cap": capv, "seeds": common, "diff_mean": mean, "diff_std": std,
                           "diffs": d})
     result = {"rows": rows, "paired": diffs, "collected": dt.datetime.now().isoformat(timespec="seconds")}
-    meta_path = out / "run_meta.json"
-    if meta_path.is_file():
-        result["meta"] = json.loads(meta_path.read_text())
+    if meta is not None:
+        result["meta"] = meta
     (out / "results.json").write_text(json.dumps(result, indent=2))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -238,10 +243,11 @@ def collect(out) -> dict:
                      f"{'-' if r['export_mb'] is None else '%.1f MB' % r['export_mb']} | "
                      f"{r['wall_seconds_mean'] / 60:.1f} min |")
     if diffs:
-        lines += ["", "| CAP vs baseline (paired by seed) | seeds | CAP − baseline (points) |", "|---|---|---|"]
+        lines += ["", "| CAP vs baseline (paired by seed) | seeds | CAP − baseline (points) | per seed |",
+                  "|---|---|---|---|"]
         for d in diffs:
             lines.append(f"| {d['cap']} vs {d['baseline']} | {', '.join(map(str, d['seeds']))} | "
-                         f"{d['diff_mean']:+.2f} ± {d['diff_std']:.2f} |")
+                         f"{d['diff_mean']:+.2f} ± {d['diff_std']:.2f} | {', '.join(f'{x:+.1f}' for x in d['diffs'])} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         from capsparse.plots import plot_accuracy_vs_sparsity

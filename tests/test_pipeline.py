@@ -147,7 +147,44 @@ def test_results_collect_tables_and_plot(tmp_path):
     assert pair["diff_mean"] == pytest.approx(2.0) and pair["seeds"] == [0, 1, 2]
     for f in ("results.md", "results.csv", "results.json", "accuracy_vs_sparsity.png"):
         assert (tmp_path / f).is_file(), f
-    assert "| CAP-m | 90.0% | 83.00 ± 1.00 | 3 |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| CAP-m | 90.0% | 83.00 ± 1.00 | 3 |" in md
+    assert "| capm-90 vs movement-90 | 0, 1, 2 | +2.00 ± 1.00 | +2.0, +1.0, +3.0 |" in md
+    assert rows["dense"]["method"] == "dense teacher"  # one dense seed: it is the teacher
+    d = tmp_path / "dense" / "seed1"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"eval": {"accuracy": 0.88}, "sparsity": 0.0}))
+    rows = {r["config"]: r for r in rr.collect(tmp_path)["rows"]}
+    assert rows["dense"]["method"] == "dense (seed 0 is the teacher)" and rows["dense"]["mean"] == pytest.approx(89.0)
+
+
+@needs_glue
+def test_collapse_probe_script(tiny_model_dir, tmp_path):
+    """scripts/collapse_probe.py: per-layer input share of [CLS], near 0 for a model whose output ignores the input."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("collapse_probe", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "collapse_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    # a copy of the tiny model whose last FFN adds a huge constant to [CLS]: its LayerNorm sees one input
+    collapsed = tmp_path / "collapsed"
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.bert.encoder.layer[-1].output.dense.bias.fill_(0.0)[0] = 1e6
+    model.save_pretrained(collapsed)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(collapsed)
+    out = tmp_path / "probe"
+    assert probe.main([str(tiny_model_dir), str(collapsed), "--out", str(out), "--examples", "32", "--threads", "1"]) == 0
+    rows = json.loads((out / "collapse.json").read_text())["rows"]
+    assert [len(r["input_share_per_layer"]) for r in rows] == [2, 2]
+    healthy, dead = rows
+    assert dead["input_share_per_layer"][-1] < 1e-3 < healthy["input_share_per_layer"][-1]
+    assert dead["input_share_per_layer"][0] == pytest.approx(healthy["input_share_per_layer"][0], rel=1e-4)
+    assert dead["predicted_class_share"] == 1.0 and dead["logit_std"] < healthy["logit_std"]
+    assert (out / "collapse.md").read_text().count("| ") > 2
+    with pytest.raises(SystemExit):
+        probe.main([str(tmp_path / "missing")])
 
 
 @needs_glue
