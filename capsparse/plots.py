@@ -111,9 +111,11 @@ def plot_sparsity(log_history: Sequence[dict], path: PathLike, target: Optional[
 
 
 def plot_accuracy_vs_sparsity(rows: Iterable[Dict], path: PathLike, metric: str = "accuracy",
-                              dense: Optional[float] = None, title: str = "accuracy vs sparsity") -> Optional[Path]:
+                              dense: Optional[float] = None, title: str = "accuracy vs sparsity",
+                              dense_label: str = "dense teacher", majority: Optional[float] = None) -> Optional[Path]:
     """``rows``: dicts with ``method``, ``sparsity`` (fraction), ``mean`` and optional ``std`` (in the metric's
-    unit). One line per method; error bars are the std over seeds."""
+    unit). One line per method; error bars are the std over seeds. ``dense`` and ``majority`` (the score of
+    predicting the most frequent class) are drawn as horizontal reference lines."""
     rows = [r for r in rows if r.get("mean") is not None and r.get("sparsity") is not None]
     if not rows:
         return None
@@ -130,7 +132,9 @@ def plot_accuracy_vs_sparsity(rows: Iterable[Dict], path: PathLike, metric: str 
         ls = "-" if method.lower().startswith("cap") else "--"
         ax.errorbar(xs, ys, yerr=es, marker="o", ls=ls, capsize=3, label=method)
     if dense is not None:
-        ax.axhline(dense, color="black", ls=":", label=f"dense teacher {dense:.1f}")
+        ax.axhline(dense, color="black", ls=":", label=f"{dense_label} {dense:.1f}")
+    if majority is not None:
+        ax.axhline(majority, color="gray", ls="-.", lw=1, label=f"one class (majority) {majority:.1f}")
     ax.set_xlabel("encoder sparsity (%)")
     ax.set_ylabel(metric)
     return _finish(plt, fig, ax, title, path)

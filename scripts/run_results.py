@@ -174,6 +174,19 @@ def _plot_title(meta) -> str:
             f"on {budget.get('train_examples')} sentences")
 
 
+def _majority_accuracy():
+    """Accuracy (%) of always predicting SST-2 dev's most frequent label; None when the data is not available."""
+    try:
+        from collections import Counter
+
+        from capsparse.data.glue import load_glue
+
+        labels = load_glue("sst2", "validation")["label"]
+    except Exception:  # noqa: BLE001 - only a reference line on the plot
+        return None
+    return 100 * Counter(labels).most_common(1)[0][1] / len(labels)
+
+
 def collect(out) -> dict:
     """Aggregate finished runs under ``out`` into results.{md,csv,json} and accuracy_vs_sparsity.png."""
     out = Path(out)
@@ -252,10 +265,12 @@ def collect(out) -> dict:
     try:
         from capsparse.plots import plot_accuracy_vs_sparsity
 
-        dense = next((r["mean"] for r in rows if r["config"] == "dense"), None)
+        dense_row = next((r for r in rows if r["config"] == "dense"), None)
         plot_rows = [dict(r, method=r["method"]) for r in rows if r["config"] != "dense"]
         plot_accuracy_vs_sparsity(plot_rows, out / "accuracy_vs_sparsity.png", metric="SST-2 dev accuracy (%)",
-                                  dense=dense, title=_plot_title(result.get("meta")))
+                                  dense=dense_row and dense_row["mean"], title=_plot_title(result.get("meta")),
+                                  dense_label="dense" if dense_row and dense_row["n_seeds"] > 1 else "dense teacher",
+                                  majority=_majority_accuracy())
     except Exception as exc:  # noqa: BLE001 - the tables matter more than the plot
         log(f"plot failed: {exc}")
     return result
