@@ -529,7 +529,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv or os.environ.get("CAPSPARSE_DEBUG", "") not in ("", "0")
     try:
         args = parse_args(argv)
-        return dispatch(args)
+        code = dispatch(args)
+        from .cap.banks import shutdown_distributed  # under torchrun: every rank leaves together
+
+        shutdown_distributed()
+        return code
     except CLIError as exc:
         if debug:
             raise

@@ -13,6 +13,7 @@ import os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from _tiny import tiny_args, tiny_bert, tiny_cap_config, tiny_dataset
+from capsparse.cap import shutdown_distributed
 from capsparse.cap.trainer import CAPTrainer
 
 out, world = sys.argv[2], int(os.environ.get("WORLD_SIZE", "1"))
@@ -27,6 +28,8 @@ if int(os.environ.get("RANK", "0")) == 0:
     banks = {n: b.data.clone() for n, b in trainer.banks.banks.items()}
     torch.save({"model": state, "banks": banks, "teacher_logits": trainer.banks.teacher_logits,
                 "updates": trainer.pruner.num_updates}, os.path.join(out, "result.pt"))
+del trainer  # the DDP model holds the gloo group: free it before exit, or a rank can abort while Python finalizes
+shutdown_distributed()
 '''
 
 

@@ -33,6 +33,16 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 COMMON = ["--task", "sst2", "--max-length", "32", "--batch-size", "16", "--eval-batch-size", "64",
           "--max-train-examples", "96", "--max-eval-examples", "64", "--seed", "1"]
 
@@ -124,12 +134,7 @@ def test_export_from_zeros(tiny_model_dir, tmp_path):
 
 def test_results_collect_tables_and_plot(tmp_path):
     """scripts/run_results.py collect: mean/std per configuration, paired CAP - baseline, CSV/JSON/PNG."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_results", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "run_results.py")
-    rr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rr)
+    rr = load_script("run_results")
     accs = {"dense": [0.9], "movement-90": [0.80, 0.82, 0.81], "capm-90": [0.82, 0.83, 0.84]}
     for name, values in accs.items():
         for seed, acc in enumerate(values):
@@ -161,12 +166,7 @@ def test_results_collect_tables_and_plot(tmp_path):
 @needs_glue
 def test_collapse_probe_script(tiny_model_dir, tmp_path):
     """scripts/collapse_probe.py: per-layer input share of [CLS], near 0 for a model whose output ignores the input."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("collapse_probe", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "collapse_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("collapse_probe")
     # a copy of the tiny model whose last FFN adds a huge constant to [CLS]: its LayerNorm sees one input
     collapsed = tmp_path / "collapsed"
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
@@ -220,12 +220,7 @@ def test_demo_tiny_budget(tiny_model_dir, tmp_path, capsys):
 @needs_glue
 def test_movement_probe_script(tiny_model_dir, tmp_path):
     """scripts/movement_probe.py on a tiny model: one row per criterion and fraction, consistent salient shares."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("movement_probe", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "movement_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("movement_probe")
     out = tmp_path / "probe"
     assert probe.main(["--model", str(tiny_model_dir), "--out", str(out), "--steps", "3", "--train-examples", "64",
                        "--fractions", "0.25", "0.5", "--max-length", "32", "--threads", "1"]) == 0

@@ -4,11 +4,11 @@
 """
 from __future__ import annotations
 
-from .banks import BankSet, MemoryBank, encode_pass, estimate_bank_bytes
+from .banks import BankSet, MemoryBank, encode_pass, estimate_bank_bytes, shutdown_distributed
 from .config import RECIPE_TRAINING, RECIPES, CAPConfig
 from .losses import RepresentationTap, cap_objective, kd_loss
 
-__all__ = ["CAPConfig", "RECIPES", "RECIPE_TRAINING", "BankSet", "MemoryBank", "encode_pass", "estimate_bank_bytes",
+__all__ = ["CAPConfig", "RECIPES", "RECIPE_TRAINING", "BankSet", "MemoryBank", "encode_pass", "estimate_bank_bytes", "shutdown_distributed",
            "RepresentationTap", "cap_objective", "kd_loss", "CAPTrainer", "prune_model"]
 
 
