@@ -506,7 +506,17 @@ def run_bench(suite: Optional[str], suite_args: List[str]) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
+#: commands that train and so may run under ``torchrun``; the others run in one process
+DISTRIBUTED_COMMANDS = ("finetune", "prune")
+
+
 def dispatch(args: argparse.Namespace) -> int:
+    from .runlog import world_size
+
+    if world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        raise CLIError(f"`capsparse {args.command}` runs in one process, but this is a launch of {world_size()} "
+                       f"processes (WORLD_SIZE={world_size()}); run it without torchrun (only "
+                       f"{' and '.join(DISTRIBUTED_COMMANDS)} train across processes)")
     if args.command == "bench":
         return run_bench(args.suite, args.suite_args)
     if getattr(args, "threads", None):

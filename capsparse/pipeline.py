@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .data.squad import is_squad_task
-from .runlog import RunDir, get_logger, machine_info, write_json
+from .runlog import RunDir, get_logger, is_main_process, machine_info, process_rank, write_json
 
 log = get_logger("pipeline")
 
@@ -341,6 +341,13 @@ def _save_history(trainer, out: Path, target_sparsity=None) -> List[str]:
     return [str(p) for p in plot_run(history, out, target_sparsity=target_sparsity)]
 
 
+def _other_rank_result(command: str, trainer) -> Dict[str, Any]:
+    """What a rank other than 0 returns after training: rank 0 alone evaluates and writes the run's files (the
+    evaluation loop uses no collectives, so the other ranks only wait for it at the end of the command)."""
+    return {"command": command, "rank": process_rank(), "train_steps": trainer.state.global_step,
+            "note": "rank 0 evaluates and writes the run's files"}
+
+
 def _seed(seed: int) -> None:
     from transformers import set_seed
 
@@ -377,6 +384,8 @@ def finetune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
                       callbacks=[_ConsoleLogCallback()])
     train_out = trainer.train()
     train_seconds = time.perf_counter() - started
+    if not is_main_process():
+        return _other_rank_result("finetune", trainer)
     metrics = _evaluate(t, model, tokenizer, dev, o, desc="eval dev", out=out)
     model_dir = out / "model"
     trainer.model.save_pretrained(str(model_dir))
@@ -531,7 +540,8 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
     args, total = training_arguments(o, out, lr, len(train), remove_unused=False,
                                      eval_strategy="steps" if o["eval_during_training"] else "no")
     cap_config = fit_schedule(cap_config, total, o.get("cap_options") or {})
-    write_json(out / "cap_config.json", cap_config.to_dict())
+    if run.writes:
+        write_json(out / "cap_config.json", cap_config.to_dict())
     log.info("prune %s with %s (target sparsity %.3f): %s, %d steps, lr %g, batch %d, max_length %d, teacher %s",
              t.name, label, getattr(cap_config, "target_sparsity", float("nan")), data_desc, total, lr,
              o["batch_size"], o["max_length"], o["teacher"])
@@ -542,6 +552,8 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
                          callbacks=[_ConsoleLogCallback()])
     train_out = trainer.train()
     train_seconds = time.perf_counter() - started
+    if not is_main_process():
+        return _other_rank_result("prune", trainer)
     model = trainer.model
     report = trainer.sparsity_report()
     compacted = None

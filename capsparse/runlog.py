@@ -52,6 +52,30 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def process_rank() -> int:
+    """This process's rank under ``torchrun`` (torch.distributed's, else the ``RANK`` variable torchrun sets
+    before the process group exists); 0 for a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def world_size() -> int:
+    """Number of processes of a ``torchrun`` launch (``WORLD_SIZE``); 1 for a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main_process() -> bool:
+    """True on rank 0: the one process that writes a run's files (config, metrics, log, model, export, plots)."""
+    return process_rank() == 0
+
+
 def write_json(path: PathLike, data: Any) -> Path:
     """Atomic JSON write (a temp file then rename), so readers never see half a file."""
     path = Path(path)
@@ -161,7 +185,10 @@ def get_logger(name: str = "") -> logging.Logger:
 
 
 class RunDir:
-    """A run's output directory: ``config.json`` (written once), ``metrics.json`` (merged updates), ``run.log``."""
+    """A run's output directory: ``config.json`` (written once), ``metrics.json`` (merged updates), ``run.log``.
+
+    Under ``torchrun`` only rank 0 writes them; the other ranks keep the metrics in memory and log warnings only.
+    """
 
     def __init__(self, path: PathLike, command: Optional[str] = None, setup_log: bool = True, console: bool = True,
                  sticky: bool = False):
@@ -175,8 +202,12 @@ class RunDir:
                 self._metrics = read_json(self.path / METRICS_FILE)
             except (OSError, ValueError):
                 self._metrics = {}
+        self.writes = is_main_process()
         if setup_log:
-            setup_logging(self.path, console=console, sticky=sticky)
+            if self.writes:
+                setup_logging(self.path, console=console, sticky=sticky)
+            else:
+                setup_logging(None, level=logging.WARNING, console=console)
 
     @property
     def config_path(self) -> Path:
@@ -194,11 +225,14 @@ class RunDir:
         data = {"command": self.command, "options": options, "argv": sys.argv, "started": self.started.isoformat(),
                 "capsparse_version": _version(), "machine": machine_info()}
         data.update(extra)
-        return write_json(self.config_path, data)
+        if self.writes:
+            write_json(self.config_path, data)
+        return self.config_path
 
     def update_metrics(self, **metrics: Any) -> Dict[str, Any]:
         self._metrics.update(_jsonable(metrics))
-        write_json(self.metrics_path, self._metrics)
+        if self.writes:
+            write_json(self.metrics_path, self._metrics)
         return self._metrics
 
     @property

@@ -145,3 +145,29 @@ def test_python_dash_m_entry_point():
                                                 "e.g. 0.9 for 90%"]
     proc = subprocess.run([sys.executable, "-m", "capsparse", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "prune" in proc.stdout and "demo" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [["eval", "--model", "m", "--task", "sst2"], ["demo", "--quick"],
+                                  ["export", "--model", "m", "--output-dir", "o"], ["bench", "kernels"]])
+def test_single_process_commands_refuse_torchrun(argv, monkeypatch, capsys):
+    """Commands that do not train refuse a multi-process launch before doing anything (no racing file writes)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, out, err = run_main(argv, capsys)
+    assert code == 2
+    assert f"`capsparse {argv[0]}` runs in one process" in err and "WORLD_SIZE=2" in err
+
+
+def test_rundir_writes_only_on_rank_zero(tmp_path, monkeypatch):
+    from capsparse.runlog import RunDir
+
+    monkeypatch.setenv("RANK", "1")
+    other = RunDir(tmp_path / "r1", command="prune")
+    other.write_config({"a": 1})
+    assert other.update_metrics(x=1) == {"x": 1}  # kept in memory
+    assert list((tmp_path / "r1").iterdir()) == []
+    monkeypatch.setenv("RANK", "0")
+    main = RunDir(tmp_path / "r0", command="prune")
+    main.write_config({"a": 1})
+    main.update_metrics(x=1)
+    assert {p.name for p in (tmp_path / "r0").iterdir()} >= {"config.json", "metrics.json", "run.log"}

@@ -236,3 +236,28 @@ def test_movement_probe_script(tiny_model_dir, tmp_path):
     assert len(table_rows) == 2 and all(line.count("|") == len(probe.CRITERIA) + 2 for line in table_rows)
     with pytest.raises(SystemExit):
         probe.main(["--model", str(tiny_model_dir), "--fractions", "1.5"])
+
+
+@needs_glue
+def test_prune_under_torchrun_two_processes(tiny_model_dir, tmp_path):
+    """`torchrun -m capsparse prune` with 2 processes: exits 0, rank 0 alone evaluates and writes the run's files."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp-prune"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore",
+               CAPSPARSE_GLUE_DIR=str(GLUE))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29541", "-m", "capsparse", "prune", "--model", str(tiny_model_dir), "--teacher",
+                           str(tiny_model_dir), "--method", "movement", "--cap", "--sparsity", "0.5", "--max-steps", "4",
+                           "--batch-size", "8", *COMMON[:2], "--max-length", "32", "--max-train-examples", "64",
+                           "--max-eval-examples", "32", "--output-dir", str(out)],
+                          env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("prune done") == 1  # rank 1 does not evaluate or report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 4 and metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    for f in ("config.json", "cap_config.json", "run.log", "log_history.json", "compressed/capsparse.json"):
+        assert (out / f).is_file(), f
+    assert not list(out.glob("*.tmp"))
