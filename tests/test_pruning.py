@@ -192,3 +192,29 @@ def test_unreachable_targets_are_errors():
         pruner.check_reachable(1.0, 0.01)
     with pytest.raises(ValueError, match="method"):
         build_pruner("first-order", model)
+
+
+@pytest.mark.parametrize("block_size", [None, (16, 16)])
+def test_mask_turnover_counts_regrown_units(block_size):
+    """mask_turnover: share of kept units that were pruned at the previous call (1 for a full swap, 0 when settled)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SparseLinear(64, 64, block_size=block_size), SparseLinear(64, 32, block_size=block_size))
+    pruner = build_pruner("movement", model)
+    with torch.no_grad():
+        for _, layer in pruner.layers:
+            layer.movement_scores.normal_()
+    assert pruner.mask_turnover() == 0.0  # first call: the dense start
+    pruner.update(0.5)
+    assert pruner.mask_turnover() == 0.0  # pruning alone regrows nothing
+    with torch.no_grad():
+        for _, layer in pruner.layers:
+            layer.movement_scores.neg_()  # the kept half and the pruned half swap
+    pruner.update(0.5)
+    assert pruner.mask_turnover() == 1.0
+    assert pruner.mask_turnover() == 0.0
+    with torch.no_grad():
+        first = pruner.layers[0][1]
+        first.movement_scores.neg_()  # only the first matrix swaps back
+    pruner.update(0.5)
+    kept = [int((l.mask if l.block_size is None else l.block_mask).sum()) for _, l in pruner.layers]
+    assert pruner.mask_turnover() == pytest.approx(kept[0] / sum(kept))

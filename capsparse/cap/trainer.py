@@ -473,6 +473,8 @@ class CAPTrainer(transformers.Trainer):
                 logs[k] = round(float(v) / self._parts_n, 6)
             self._parts_sum, self._parts_n = {}, 0
             logs["sparsity"] = round(self.sparsity_report()["global"], 6)
+            if self.pruner is not None:
+                logs["mask_turnover"] = round(self.pruner.mask_turnover(), 6)
         super().log(logs, start_time)
 
     # -- reporting -------------------------------------------------------------------------------------------

@@ -135,6 +135,20 @@ class Pruner:
             raise ValueError(f"target_sparsity: {sparsity} is unreachable with this layout: per-matrix top-k gives "
                              f"{reached:.4f}, off by more than sparsity_tolerance={tolerance}")
 
+    @torch.no_grad()
+    def mask_turnover(self) -> float:
+        """Share of the currently kept units (weights, or blocks) that were pruned at the previous call: how much
+        the mask is still changing (0 once it has settled). The first call compares with the dense start."""
+        masks = [(layer.mask if layer.block_size is None else layer.block_mask).detach() for _, layer in self.layers]
+        previous = getattr(self, "_turnover_masks", None)
+        kept = new = 0
+        for i, m in enumerate(masks):
+            kept += int(m.sum())
+            if previous is not None:
+                new += int((m & ~previous[i]).sum())
+        self._turnover_masks = [m.clone() for m in masks]
+        return new / kept if kept else 0.0
+
     def sparsity(self) -> float:
         kept = total = 0
         for _, layer in self.layers:
