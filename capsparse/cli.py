@@ -540,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         code = dispatch(args)
-        from .cap.banks import shutdown_distributed  # under torchrun: every rank leaves together
+        from .runlog import shutdown_distributed  # under torchrun: every rank leaves together
 
         shutdown_distributed()
         return code

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .data.squad import is_squad_task
-from .runlog import RunDir, get_logger, is_main_process, machine_info, process_rank, write_json
+from .runlog import RunDir, get_logger, machine_info, process_rank, write_json
 
 log = get_logger("pipeline")
 
@@ -384,7 +384,7 @@ def finetune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
                       callbacks=[_ConsoleLogCallback()])
     train_out = trainer.train()
     train_seconds = time.perf_counter() - started
-    if not is_main_process():
+    if not run.writes:
         return _other_rank_result("finetune", trainer)
     metrics = _evaluate(t, model, tokenizer, dev, o, desc="eval dev", out=out)
     model_dir = out / "model"
@@ -552,7 +552,7 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
                          callbacks=[_ConsoleLogCallback()])
     train_out = trainer.train()
     train_seconds = time.perf_counter() - started
-    if not is_main_process():
+    if not run.writes:
         return _other_rank_result("prune", trainer)
     model = trainer.model
     report = trainer.sparsity_report()

@@ -52,23 +52,41 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _process_group():
+    """``torch.distributed`` when a default process group exists, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def process_rank() -> int:
     """This process's rank under ``torchrun`` (torch.distributed's, else the ``RANK`` variable torchrun sets
     before the process group exists); 0 for a single process."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0") or 0)
+    dist = _process_group()
+    return dist.get_rank() if dist else int(os.environ.get("RANK", "0") or 0)
 
 
 def world_size() -> int:
     """Number of processes of a ``torchrun`` launch (``WORLD_SIZE``); 1 for a single process."""
-    import torch.distributed as dist
+    dist = _process_group()
+    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1") or 1)
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+def shutdown_distributed() -> None:
+    """Wait for every process, destroy the default process group and free it now; a no-op without one.
+
+    Call it once at the end of a ``torchrun`` script (the CLI does), after dropping the trainer (``del trainer``):
+    the DDP-wrapped model keeps the gloo group alive, and a group still alive when Python finalizes can abort the
+    process ("terminate called without an active exception": a gloo worker thread that needs the GIL during
+    finalization is unwound through C++ code that may not throw).
+    """
+    import gc
+
+    dist = _process_group()
+    if dist:
+        dist.barrier()
+        dist.destroy_process_group()
+        gc.collect()  # the last references (DDP reducer) often sit in cycles: free the group and join its threads
 
 
 def is_main_process() -> bool:

@@ -269,7 +269,7 @@ def collect(out) -> dict:
         plot_rows = [dict(r, method=r["method"]) for r in rows if r["config"] != "dense"]
         plot_accuracy_vs_sparsity(plot_rows, out / "accuracy_vs_sparsity.png", metric="SST-2 dev accuracy (%)",
                                   dense=dense_row and dense_row["mean"], title=_plot_title(result.get("meta")),
-                                  dense_label="dense" if dense_row and dense_row["n_seeds"] > 1 else "dense teacher",
+                                  dense_label=dense_row["method"] if dense_row else "dense",
                                   majority=_majority_accuracy())
     except Exception as exc:  # noqa: BLE001 - the tables matter more than the plot
         log(f"plot failed: {exc}")

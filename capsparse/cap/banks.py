@@ -187,23 +187,6 @@ def _dist():
     return None
 
 
-def shutdown_distributed() -> None:
-    """Wait for every process, destroy the default process group and free it now; a no-op without one.
-
-    Call it once at the end of a ``torchrun`` script (the CLI does), after dropping the trainer (``del trainer``):
-    the DDP-wrapped model keeps the gloo group alive, and a group still alive when Python finalizes can abort the
-    process ("terminate called without an active exception": a gloo worker thread that needs the GIL during
-    finalization is unwound through C++ code that may not throw).
-    """
-    import gc
-
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        gc.collect()  # the last references (DDP reducer) often sit in cycles: free the group and join its threads
-
-
 def shard_indices(n: int) -> torch.Tensor:
     """This process's contiguous slice of ``0..n-1`` (all of it without torch.distributed)."""
     dist = _dist()
