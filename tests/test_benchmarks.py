@@ -203,9 +203,34 @@ def test_bench_all_delegates_to_run_all(tmp_path, monkeypatch):
 
 
 def test_every_suite_has_main_with_quick_and_output_dir():
-    for name in ("kernels", "contrastive", "train_step", "inference", "banks", "all"):
+    for name in ("kernels", "contrastive", "train_step", "inference", "banks", "all", "headline"):
         source = (BENCH / f"bench_{name}.py").read_text()
         assert "def main(argv=None)" in source
     H = load("_harness")
     args = H.base_parser("x").parse_args(["--quick", "--output-dir", "/tmp/x"])
     assert args.quick and str(args.output_dir) == "/tmp/x" and args.threads == 2
+
+
+def test_headline_quick_every_section(tmp_path):
+    mod = load("bench_headline")
+    report = mod.main(["--quick", "--reps", "1", "--warmup", "0", "--malloc", "default", "--output-dir",
+                       str(tmp_path)])
+    data = _read(tmp_path, "headline-quick")
+    rows = data["rows"]
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    sections = {r["section"] for r in rows}
+    assert sections == {"module", "summary", "train", "inference"}
+    whats = {r["what"] for r in rows}
+    assert any(w.startswith("kernel-level") for w in whats) and any("forward+backward" in w for w in whats)
+    assert {r["what"].split(" vs ")[-1] for r in rows if r["section"] == "train"} == {"dense fine-tune",
+                                                                                     "official-style"}
+    assert any("unstructured" in r["what"] for r in rows if r["section"] == "inference")
+    assert all(r["speedup"] > 0 for r in rows)
+    assert data["meta"]["allocator"] == {"applied": False} and data["config"]["malloc"] == "default"
+    assert report.name == "headline"
+
+
+def test_headline_random_block_mask_is_exact():
+    mod = load("bench_headline")
+    m = mod.random_block_mask(96, 64, 32, 0.5, torch.Generator().manual_seed(0))
+    assert m.shape == (3, 2) and int(m.sum()) == 3

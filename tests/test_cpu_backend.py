@@ -5,6 +5,7 @@ These tests never skip: if the extension is not built they fail and say how to b
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -360,3 +361,20 @@ def test_benchmark_tiny_config(tmp_path):
     rows = mod.main(["--tiny", "--output-dir", str(tmp_path), "--no-plot"])
     assert rows and all(r["ms"] > 0 for r in rows)
     assert (tmp_path / "cpu_kernels.csv").exists() and (tmp_path / "cpu_kernels.json").exists()
+
+
+def test_configure_allocator_rejects_bad_values_and_records_what_it_applied():
+    from capsparse.backends import cpu
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        cpu.configure_allocator(mmap_threshold=-1)
+    with pytest.raises(ValueError, match="trim_threshold"):
+        cpu.configure_allocator(trim_threshold=2 ** 40)
+    got = cpu.configure_allocator()
+    if not sys.platform.startswith("linux"):
+        assert got["applied"] is False and "glibc" in got["reason"]
+        return
+    assert got == {"applied": True, "mmap_threshold": 1 << 30, "trim_threshold": 2 ** 31 - 1}
+    assert cpu.allocator_state() == got
+    x = torch.ones(4096, 3072)  # a freed large block is reused from the heap; results are unaffected
+    del x
+    assert torch.zeros(4096, 3072).sum() == 0
