@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .app.options import OptionError as CLIError  # a user error: one line, exit status 2
+from .app.options import parse_cap_options
+
 METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
 RECIPES = ("glue-unstructured", "glue-structured", "squad-unstructured", "squad-structured")
 BLOCK_SIZES = (16, 32, 64, 128)
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
 
 
 # -- argparse helpers ------------------------------------------------------------------------------------
@@ -349,22 +348,6 @@ def _check_model(flag: str, value: Any, required: bool = False) -> None:
         _need(has, flag, value, "a directory with config.json (transformers) or capsparse.json (compressed export)")
 
 
-def parse_cap_options(items: Optional[List[str]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        if not isinstance(item, str) or "=" not in item:
-            raise CLIError(f"--cap-option: got {item!r}, expected KEY=VALUE (e.g. temperature=0.1)")
-        key, raw = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if not key.isidentifier():
-            raise CLIError(f"--cap-option: got key {key!r}, expected a CAPConfig field name")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
 def validate(args: argparse.Namespace) -> None:
     """Check every option before any work starts; raises CLIError naming the flag, value and expectation."""
     cmd = args.command
@@ -401,7 +384,7 @@ def validate(args: argparse.Namespace) -> None:
     if getattr(args, "max_length", None) is not None:
         _need(args.max_length <= 4096, "--max-length", args.max_length, "at most 4096 tokens")
     if squad and getattr(args, "doc_stride", None) is not None:
-        from .pipeline import SQUAD_MAX_LENGTH
+        from .app.options import SQUAD_MAX_LENGTH
 
         length = args.max_length or SQUAD_MAX_LENGTH
         _need(_is_int(args.doc_stride) and 0 <= args.doc_stride < length, "--doc-stride", args.doc_stride,
@@ -445,7 +428,7 @@ def validate(args: argparse.Namespace) -> None:
             raise CLIError(f"--block-size: got {args.block_size!r} with --method {method}, expected --block-size "
                            f"only with --method block-movement")
         if args.recipe is None:
-            from .pipeline import default_recipe
+            from .app.options import default_recipe
 
             args.recipe = default_recipe(args.task, method)
         if method == "first-order" and args.recipe.endswith("unstructured"):
@@ -455,7 +438,7 @@ def validate(args: argparse.Namespace) -> None:
     if cmd == "eval":
         try:
             if squad:
-                from .pipeline import squad_split
+                from .app.tasks import squad_split
 
                 squad_split(args.split)
             else:
@@ -523,12 +506,11 @@ def dispatch(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from . import pipeline
+    from .app import commands, demo
 
     options = {k: v for k, v in vars(args).items() if k not in ("config", "debug")}
-    fn = {"finetune": pipeline.finetune_from_args, "prune": pipeline.prune_from_args,
-          "eval": pipeline.evaluate_from_args, "export": pipeline.export_from_args,
-          "demo": pipeline.demo_from_args, "predict": pipeline.predict_from_args}[args.command]
+    fn = {"finetune": commands.finetune, "prune": commands.prune, "eval": commands.evaluate,
+          "export": commands.export, "demo": demo.demo, "predict": commands.predict}[args.command]
     fn(options)
     return 0
 

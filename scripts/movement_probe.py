@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     import capsparse
     from capsparse.layout import topk_mask
-    from capsparse.pipeline import load_split
+    from capsparse.app.tasks import load_split
     from capsparse.pruning.pruners import build_pruner
     from capsparse.runlog import machine_info
 

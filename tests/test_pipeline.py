@@ -207,7 +207,7 @@ def test_demo_tiny_budget(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Full-size recipe" in printed
     # the collapse hint appears exactly when a pruned model sits at the majority-class share of the dev subset
-    from capsparse.pipeline import _majority_share
+    from capsparse.app.demo import _majority_share
     import transformers as tf
 
     share = _majority_share(tf.AutoTokenizer.from_pretrained(tiny_model_dir),

