@@ -7,13 +7,19 @@ scores, the weights' lr from ``--weight-lr``), and accumulates the first-order T
 alongside. It then prunes the same fraction of every encoder linear by several criteria and evaluates each
 masked model on SST-2 dev, with no retraining:
 
-- ``movement``: capsparse's learned movement scores (top-k, as the pruner does);
+- ``movement``: capsparse's learned movement scores from zero (top-k, as the official pruner does);
+- ``anchored``: the same learned scores started from the per-matrix standardised ``|W|``
+  (``score_init_mode="magnitude"``, capsparse's default); with ``--weight-lr 0`` the score updates do not depend on
+  the scores, so this is exactly the anchor plus the learned movement;
 - ``magnitude``: ``|W|``;
 - ``random``: uniform random scores (seeded);
 - ``signed-taylor``: ``-sum_t g_t * W`` (movement's score under plain SGD);
 - ``abs-taylor``: ``|sum_t g_t * W|`` (first-order saliency, no sign).
 
-It also reports how many of the 1% most salient weights (largest ``|sum_t g_t * W|``) each mask removes.
+It also reports how many of the 1% most salient weights each mask removes. Saliency (``|sum_t g_t * W|``) is
+measured on a second, independent stream of training batches (``--importance-stream independent``, the default),
+so that it is not circular with the scores; and how the score group's Adam second moment sits relative to its
+``eps`` (``--eps``): the share of scores with ``sqrt(v) < 10 eps`` and its rank correlation with saliency.
 
     python scripts/movement_probe.py --model runs/results-v2/dense/seed0/model --out runs/movement-probe
 
@@ -32,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CRITERIA = ("movement", "magnitude", "random", "signed-taylor", "abs-taylor")
+CRITERIA = ("movement", "anchored", "magnitude", "random", "signed-taylor", "abs-taylor")
 
 
 def main(argv=None) -> int:
@@ -46,6 +52,9 @@ def main(argv=None) -> int:
                    help="weight learning rate during the probe (0: only the scores move, so every criterion "
                         "masks the same weights)")
     p.add_argument("--score-lr", type=float, default=1e-2, help="score learning rate (official: 1e-2)")
+    p.add_argument("--eps", type=float, default=1e-8, help="AdamW eps of the score group (torch default 1e-8)")
+    p.add_argument("--importance-stream", choices=("independent", "same"), default="independent",
+                   help="batches that measure saliency: a second stream of training batches, or the scores' own")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.135, 0.3, 0.5],
                    help="fractions of each encoder linear to prune")
     p.add_argument("--max-length", type=int, default=64)
@@ -98,10 +107,14 @@ def main(argv=None) -> int:
     score_ids = {id(s) for s in scores}
     weights = [q for q in model.parameters() if id(q) not in score_ids]
     opt = torch.optim.AdamW([{"params": weights, "lr": a.weight_lr, "weight_decay": 0.0},
-                             {"params": scores, "lr": a.score_lr, "weight_decay": 0.0}])
+                             {"params": scores, "lr": a.score_lr, "weight_decay": 0.0, "eps": a.eps}])
     taylor = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in layers}
+    importance = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in layers}
     order = list(range(len(train)))
     random.Random(a.seed).shuffle(order)
+    # the second stream: the other half of the shuffled subset, so its batches share no example with the scores'
+    half = len(order) // 2
+    order, order_b = (order[:half], order[half:]) if a.importance_stream == "independent" else (order, order)
     dense_acc = accuracy(model)
     model.train()
     start = time.time()
@@ -113,23 +126,50 @@ def main(argv=None) -> int:
         loss.backward()
         for n, m in layers:
             taylor[n] -= m.movement_scores.grad.float()  # the score gradient is g * W
+        if a.importance_stream == "independent":
+            lo_b = (step * a.batch_size) % max(1, len(order_b) - a.batch_size)
+            enc_b, y_b = batch(train, order_b[lo_b:lo_b + a.batch_size])
+            grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(**enc_b).logits, y_b), scores)
+            for (n, _), g in zip(layers, grads):
+                importance[n] -= g.float()
+        else:
+            for n, _ in layers:
+                importance[n].copy_(taylor[n])
         opt.step()
     train_seconds = time.time() - start
+    # where the score group's second moment sits relative to eps, and whether that tracks saliency
+    beta2 = 0.999
+    v_stats = []
+    for n, m in layers:
+        v = opt.state[m.movement_scores]["exp_avg_sq"] / (1 - beta2 ** a.steps)
+        root_v, sal = v.sqrt().flatten(), importance[n].abs().flatten()
+        v_stats.append((float((root_v < 10 * a.eps).float().mean()), _spearman(root_v, sal),
+                        float(root_v.median())))
+    near_eps = sum(x[0] for x in v_stats) / len(v_stats)
+    rank_corr = sum(x[1] for x in v_stats) / len(v_stats)
+    median_root_v = sorted(x[2] for x in v_stats)[len(v_stats) // 2]
+    print(f"score second moment: {100 * near_eps:.2f}% of scores have sqrt(v) < 10*eps ({a.eps:g}); median "
+          f"sqrt(v) {median_root_v:.3g}; Spearman(sqrt(v), saliency) {rank_corr:.3f} (mean over matrices)",
+          flush=True)
     learned = {n: m.movement_scores.detach().clone() for n, m in layers}
     weights_now = {n: m.weight.detach().float().clone() for n, m in layers}
     pruner.remove()
     gen = torch.Generator().manual_seed(a.seed)
     rand = {n: torch.rand(w.shape, generator=gen) for n, w in weights_now.items()}
+    from capsparse.pruning.pruners import magnitude_anchor
+
+    anchors = {n: magnitude_anchor(m) for n, m in layers}  # weights are unchanged with --weight-lr 0
     criterion_scores = {
         "movement": learned,
+        "anchored": {n: anchors[n] + learned[n] for n in learned},
         "magnitude": {n: w.abs() for n, w in weights_now.items()},
         "random": rand,
         "signed-taylor": taylor,
         "abs-taylor": {n: t.abs() for n, t in taylor.items()},
     }
-    # the 1% most salient weights of each matrix by |sum g * W|
+    # the 1% most salient weights of each matrix by |sum g * W| on the importance stream
     salient = {n: t.abs() >= t.abs().flatten().kthvalue(max(1, int(0.99 * t.numel()))).values
-               for n, t in taylor.items()}
+               for n, t in importance.items()}
     rows = []
     for frac in a.fractions:
         for crit in CRITERIA:
@@ -146,10 +186,15 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"args": vars(a), "dense_accuracy": dense_acc, "rows": rows, "train_seconds": train_seconds,
+              "second_moment": {"share_below_10eps": near_eps, "spearman_sqrt_v_saliency": rank_corr,
+                                "median_sqrt_v": median_root_v},
               "machine": machine_info(), "finished": dt.datetime.now().isoformat(timespec="seconds")}
     (out / "probe.json").write_text(json.dumps(result, indent=2))
     lines = [f"Dense model: {100 * dense_acc:.2f}% SST-2 dev. Scores after {a.steps} steps (batch {a.batch_size}, "
-             f"score lr {a.score_lr:g}, weight lr {a.weight_lr:g}); masks applied with no retraining.", "",
+             f"score lr {a.score_lr:g}, eps {a.eps:g}, weight lr {a.weight_lr:g}; saliency from the "
+             f"{a.importance_stream} stream); masks applied with no retraining.",
+             f"Score second moment: {100 * near_eps:.2f}% of scores below sqrt(v) = 10 eps; median sqrt(v) "
+             f"{median_root_v:.3g}; Spearman(sqrt(v), saliency) {rank_corr:.3f}.", "",
              "| pruned | " + " | ".join(CRITERIA) + " |", "|---|" + "---|" * len(CRITERIA)]
     for frac in a.fractions:
         cells = []
@@ -162,6 +207,16 @@ def main(argv=None) -> int:
     (out / "probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _spearman(x, y) -> float:
+    """Rank correlation of two flat tensors (ties broken by position; fine at this size)."""
+    import torch
+
+    rx = torch.empty_like(x).scatter_(0, x.argsort(), torch.arange(x.numel(), dtype=x.dtype))
+    ry = torch.empty_like(y).scatter_(0, y.argsort(), torch.arange(y.numel(), dtype=y.dtype))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-30))
 
 
 if __name__ == "__main__":

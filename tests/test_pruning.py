@@ -49,21 +49,82 @@ def test_cubic_schedule_empty_window_is_an_error():
 
 
 # -- targets reached --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,block", [("magnitude", None), ("movement", None), ("block-movement", 16),
-                                          ("magnitude", 16)])
-@pytest.mark.parametrize("density", [0.5, 0.1, 0.03])
-def test_topk_pruners_reach_exact_counts(method, block, density):
+TOPK_CRITERIA = [("magnitude", None, {}), ("magnitude", 16, {}), ("movement", None, {"score_init_mode": "constant"}),
+                 ("movement", None, {"score_init_mode": "magnitude"}),
+                 ("block-movement", 16, {"score_init_mode": "constant"}),
+                 ("block-movement", 16, {"score_init_mode": "magnitude"}), ("block-movement", (16, 32), {})]
+
+
+@pytest.mark.parametrize("method,block,kwargs", TOPK_CRITERIA)
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.03])
+@pytest.mark.parametrize("trained", [False, True])
+def test_topk_pruners_reach_exact_counts(method, block, kwargs, density, trained):
     model = TwoLinear(block_size=block)
-    pruner = build_pruner(method, model)
-    if pruner.score_parameters():
+    pruner = build_pruner(method, model, **kwargs)
+    if trained and pruner.score_parameters():
         with torch.no_grad():
             for p in pruner.score_parameters():
-                p.normal_()
+                p.add_(torch.randn_like(p))
     pruner.update(density)
     for _, layer in pruner.layers:
         source = layer.mask if block is None else layer.block_mask
         assert int(source.sum()) == kept_count_for_density(source.numel(), density)
+        assert int(layer.element_mask().sum()) == int(source.sum()) * (layer.weight.numel() // source.numel())
     assert pruner.num_updates == 1
+
+
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.03])
+def test_global_magnitude_reaches_exact_total(block, density):
+    model = TwoLinear(block_size=block)
+    pruner = MagnitudePruner(model, scope="global")
+    pruner.update(density)
+    sources = [(l.mask if block is None else l.block_mask) for _, l in pruner.layers]
+    assert sum(int(m.sum()) for m in sources) == kept_count_for_density(sum(m.numel() for m in sources), density)
+
+
+def _tiny_bert_pruner(block, mode):
+    from _tiny import tiny_bert
+
+    import capsparse
+    model = tiny_bert(hidden=32, intermediate=64)
+    capsparse.sparsify(model, block_size=block)
+    return model, build_pruner("block-movement" if block else "movement", model, score_init_mode=mode)
+
+
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("density", [0.7, 0.2])
+def test_anchored_scores_first_masks_are_magnitudes(block, density):
+    """The robust default's first masks equal magnitude pruning's; the official zero start does not."""
+    model, pruner = _tiny_bert_pruner(block, "magnitude")
+    pruner.update(density)
+    anchored = [l.element_mask().clone() for _, l in pruner.layers]
+    MagnitudePruner(model, layers=pruner.layers).update(density)
+    magnitude = [l.element_mask().clone() for _, l in pruner.layers]
+    assert all(torch.equal(a, m) for a, m in zip(anchored, magnitude))
+
+    model, official = _tiny_bert_pruner(block, "constant")
+    official.update(density)
+    agree = sum(int((l.element_mask() == m).sum()) for (_, l), m in zip(official.layers, magnitude))
+    total = sum(m.numel() for m in magnitude)
+    assert agree < 0.9 * total  # zero scores tie: top-k by position, far from magnitude's masks
+
+
+def test_anchored_scores_are_standardised_per_matrix():
+    from capsparse.pruning.pruners import magnitude_anchor
+    model = TwoLinear()
+    with torch.no_grad():
+        model.b.weight.mul_(100.0)  # scale must not matter: each matrix is standardised on its own
+    for layer in (model.a, model.b):
+        z = magnitude_anchor(layer, scale=2.0, offset=0.5)
+        assert z.shape == layer.weight.shape
+        assert abs(float(z.mean()) - 0.5) < 1e-4 and abs(float(z.std()) - 2.0) < 1e-3
+        assert torch.equal(z.argsort(), layer.weight.detach().abs().argsort()) or \
+            float(torch.corrcoef(torch.stack([z.flatten(), layer.weight.detach().abs().flatten()]))[0, 1]) > 0.999
+    with pytest.raises(ValueError, match="score_init_mode"):
+        MovementPruner(TwoLinear(), score_init_mode="zero")
+    with pytest.raises(ValueError, match="score_init_scale"):
+        MovementPruner(TwoLinear(), score_init_mode="magnitude", score_init_scale=0.0)
 
 
 def test_magnitude_keeps_largest_and_global_scope():
@@ -95,7 +156,7 @@ def test_movement_masks_follow_scores_and_remove():
 
 def test_scores_start_at_zero_and_forward_does_not_update_masks():
     model = TwoLinear()
-    pruner = MovementPruner(model)
+    pruner = MovementPruner(model, score_init_mode="constant")
     assert all(float(p.abs().sum()) == 0 for p in pruner.score_parameters())
     pruner.update(0.5)
     before = model.a.mask.clone()

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 from ..layout import check_sparsity, normalize_block_size
 from ..ops.contrastive import NORMALIZATIONS
-from ..pruning.pruners import BLOCK_SCORE_MODES
+from ..pruning.pruners import BLOCK_SCORE_MODES, SCORE_INIT_MODES
 from ..pruning.schedule import SCHEDULE_UNITS
 
 METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
@@ -31,7 +31,13 @@ class CAPConfig:
         block_score_mode: "exact" (dense dW' for the block scores, as nn_pruning) or "fast" (kept blocks only,
             pruned blocks frozen).
         magnitude_scope: "local" (per matrix, official) or "global".
-        score_lr, score_init: the score optimizer group's learning rate (no weight decay) and initial value.
+        score_lr: the score optimizer group's learning rate (no weight decay).
+        score_init_mode, score_init, score_init_scale: how movement scores start. "magnitude" (default): at
+            ``score_init + score_init_scale * z``, ``z`` the per-matrix standardised ``|W|`` (per-block sums for
+            block scores), so the first masks are magnitude's and movement takes over where its evidence is
+            consistent; "constant": every score at ``score_init`` (the official code: 0.0).
+        freeze_embeddings: keep the embedding layer fixed while pruning; ``None`` (default): on for the
+            unstructured and block methods (as the official unstructured code), off for "first-order".
         soft_lambda_final, soft_final_threshold, soft_min_keep: CAP-soft's L1 weight at the end, sigmoid threshold
             at the end (0 -> 0.1), and minimum fraction kept per matrix.
         schedule_warmup, schedule_unit, initial_warmup, final_warmup: the cubic schedule's unit ``w`` (in
@@ -40,6 +46,8 @@ class CAPConfig:
             CAP-f: number of cumulative pruning steps (10%..90% for 9 and a 0.9 target), re-training epochs per step,
             LR warm-up ratio within each step, active heads protected per layer, and a cap on the batches of the
             importance pass (``None`` = the whole training set, as official).
+        importance_batch_size: batch size of CAP-f's importance pass (``None``: the training batch size, as
+            the official code).
         sparsity_tolerance: allowed |reached - target| at the end of training (RuntimeError beyond it).
         nan_policy: non-finite loss or gradients: "skip" the optimizer step (raises after 20 in a row) or "stop"
             with an error naming the parameter and the step (see docs/reliability.md).
@@ -65,7 +73,10 @@ class CAPConfig:
     block_score_mode: str = "exact"
     magnitude_scope: str = "local"
     score_lr: float = 1e-2
+    score_init_mode: str = "magnitude"
     score_init: float = 0.0
+    score_init_scale: float = 1.0
+    freeze_embeddings: Optional[bool] = None
     soft_lambda_final: float = 190.0
     soft_final_threshold: float = 0.1
     soft_min_keep: float = 0.005
@@ -78,6 +89,7 @@ class CAPConfig:
     structured_warmup_ratio: float = 0.1
     heads_protected: int = 1
     importance_batches: Optional[int] = None
+    importance_batch_size: Optional[int] = None
     sparsity_tolerance: float = 0.01
     nan_policy: str = "skip"
     use_cap: bool = True
@@ -117,6 +129,15 @@ class CAPConfig:
         choice("snapshot_mode", SNAPSHOT_MODES)
         choice("schedule_unit", SCHEDULE_UNITS)
         choice("block_score_mode", BLOCK_SCORE_MODES)
+        choice("score_init_mode", SCORE_INIT_MODES)
+        if not (isinstance(self.score_init_scale, (int, float)) and self.score_init_scale > 0):
+            raise ValueError(f"score_init_scale: expected a number > 0, got {self.score_init_scale!r}")
+        if self.freeze_embeddings not in (None, True, False):
+            raise ValueError(f"freeze_embeddings: expected None, True or False, got {self.freeze_embeddings!r}")
+        if self.importance_batch_size is not None and (not isinstance(self.importance_batch_size, int)
+                                                       or self.importance_batch_size < 1):
+            raise ValueError(f"importance_batch_size: expected None or an int >= 1, got "
+                             f"{self.importance_batch_size!r}")
         choice("magnitude_scope", ("local", "global"))
         check_sparsity(self.target_sparsity, "target_sparsity")
         unknown = [b for b in self.banks if b not in BANK_NAMES]
@@ -151,6 +172,11 @@ class CAPConfig:
     @property
     def structured(self) -> bool:
         return self.method == "first-order"
+
+    @property
+    def embeddings_frozen(self) -> bool:
+        """Whether the embeddings stay fixed: ``freeze_embeddings``, or by method when it is ``None``."""
+        return (not self.structured) if self.freeze_embeddings is None else bool(self.freeze_embeddings)
 
     @property
     def active_banks(self) -> Tuple[str, ...]:

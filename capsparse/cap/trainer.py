@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint import AtomicCheckpointCallback, resolve_resume_checkpoint
 from ..guards import NanGuardCallback
+from ..pruning.embeddings import freeze_embeddings
 from ..pruning.pruners import SCORE_ATTR, build_pruner
 from ..pruning.schedule import CubicSchedule
 from ..pruning.structured import StructuredMasks, compact_model, prune_count, select_units
@@ -140,11 +141,14 @@ class CAPTrainer(transformers.Trainer):
             if cfg.method == "magnitude":
                 kwargs["scope"] = cfg.magnitude_scope
             else:
-                kwargs.update(score_init=cfg.score_init, block_score_mode=cfg.block_score_mode)
+                kwargs.update(score_init=cfg.score_init, block_score_mode=cfg.block_score_mode,
+                              score_init_mode=cfg.score_init_mode, score_init_scale=cfg.score_init_scale)
                 if cfg.method == "soft-movement":
                     kwargs["min_keep"] = cfg.soft_min_keep
             self.pruner = build_pruner(cfg.method, model, **kwargs)
             self.pruner.check_reachable(cfg.target_sparsity, cfg.sparsity_tolerance)
+        if cfg.embeddings_frozen:
+            freeze_embeddings(model)
         self.tap = RepresentationTap(model)
 
         if data_collator is None:
@@ -175,7 +179,12 @@ class CAPTrainer(transformers.Trainer):
             if col not in self._signature_columns:
                 self._signature_columns.append(col)
 
-    def _encode_loader(self, shard: bool = True, limit: Optional[int] = None):
+    @property
+    def importance_batch_size(self) -> int:
+        """CAP-f's importance pass runs at the training batch size (as the official code) unless configured."""
+        return self.cap_config.importance_batch_size or self.args.per_device_train_batch_size
+
+    def _encode_loader(self, shard: bool = True, limit: Optional[int] = None, batch_size: Optional[int] = None):
         ds = self.train_dataset
         try:
             import datasets
@@ -184,7 +193,7 @@ class CAPTrainer(transformers.Trainer):
         except ImportError:
             pass
         indices = shard_indices(len(ds)) if shard else torch.arange(len(ds))
-        bs = self.cap_config.encode_batch_size or self.args.per_device_eval_batch_size
+        bs = batch_size or self.cap_config.encode_batch_size or self.args.per_device_eval_batch_size
         if limit is not None:
             indices = indices[:limit * bs]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, indices.tolist()), batch_size=bs,
@@ -435,7 +444,8 @@ class CAPTrainer(transformers.Trainer):
         was = self.model.training
         self.model.eval()
         imp_h, imp_n = masks.accumulate_importance(self._importance_loss(use_contrastive=stage > 0),
-                                                   self._encode_loader(limit=cfg.importance_batches))
+                                                   self._encode_loader(limit=cfg.importance_batches,
+                                                                       batch_size=self.importance_batch_size))
         self.model.train(was)
         dist = _dist()
         if dist is not None:

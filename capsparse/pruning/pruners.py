@@ -28,6 +28,9 @@ from ..surgery import sparse_layers
 
 SCORE_ATTR = "movement_scores"
 BLOCK_SCORE_MODES = ("exact", "fast")
+#: "magnitude": scores start at the per-matrix standardised |W| (robust at short budgets, the default);
+#: "constant": every score starts at ``score_init`` (official: 0.0)
+SCORE_INIT_MODES = ("magnitude", "constant")
 
 
 def _block_sum(t: torch.Tensor, block_size: Tuple[int, int]) -> torch.Tensor:
@@ -70,6 +73,27 @@ class MovementScoreFunction(torch.autograd.Function):
                 prod = _block_sum(prod, ctx.layer.block_size)
             grad_scores = prod
         return grad_out, None, None, grad_scores, None, None
+
+
+def _score_shape(layer: SparseLinear) -> torch.Size:
+    return layer.mask.shape if layer.block_size is None else layer.block_mask.shape
+
+
+@torch.no_grad()
+def magnitude_anchor(layer: SparseLinear, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+    """Initial scores ``offset + scale * (|W| - mean) / std`` per matrix (per block: the block sums of ``|W|``).
+
+    Movement scores start from a converged model, where the mean weight gradient is about zero, so their first
+    few hundred steps are mostly noise; with zero-initialised scores the first top-k cuts of a short run are
+    then random or worse. Anchored scores make the early masks magnitude's; the score optimizer moves a score by
+    at most about ``score_lr`` per step, so movement evidence overrides the anchor only where it is consistent.
+    """
+    s = layer.weight.detach().abs().float()
+    if layer.block_size is not None:
+        s = _block_sum(s, layer.block_size)
+    std = s.std() if s.numel() > 1 else s.new_zeros(())
+    z = (s - s.mean()) / std.clamp_min(torch.finfo(torch.float32).tiny)
+    return (offset + scale * z).contiguous()
 
 
 class Pruner:
@@ -209,17 +233,23 @@ class _ScorePruner(Pruner):
     """Learnable scores (one per weight, or one per block), registered on each layer as the parameter
     ``movement_scores`` so that DDP reduces and the Trainer clips/saves them with the model."""
 
-    def __init__(self, model, layers=None, score_init: float = 0.0, block_score_mode: str = "exact"):
+    def __init__(self, model, layers=None, score_init: float = 0.0, block_score_mode: str = "exact",
+                 score_init_mode: str = "constant", score_init_scale: float = 1.0):
         super().__init__(model, layers)
         if block_score_mode not in BLOCK_SCORE_MODES:
             raise ValueError(f"block_score_mode: expected one of {BLOCK_SCORE_MODES}, got {block_score_mode!r}")
+        if score_init_mode not in SCORE_INIT_MODES:
+            raise ValueError(f"score_init_mode: expected one of {SCORE_INIT_MODES}, got {score_init_mode!r}")
+        if not score_init_scale > 0:
+            raise ValueError(f"score_init_scale: expected a number > 0, got {score_init_scale!r}")
         self.block_score_mode = block_score_mode
         self._handles = []
         for _, layer in self.layers:
-            shape = layer.mask.shape if layer.block_size is None else layer.block_mask.shape
             if not isinstance(getattr(layer, SCORE_ATTR, None), nn.Parameter):
-                layer.register_parameter(SCORE_ATTR, nn.Parameter(
-                    torch.full(shape, float(score_init), dtype=torch.float32, device=layer.weight.device)))
+                init = (magnitude_anchor(layer, score_init_scale, float(score_init)) if score_init_mode == "magnitude"
+                        else torch.full(_score_shape(layer), float(score_init), dtype=torch.float32,
+                                        device=layer.weight.device))
+                layer.register_parameter(SCORE_ATTR, nn.Parameter(init))
             self._handles.append(layer.register_forward_hook(self._hook))
 
     def _hook(self, layer, args, output):
