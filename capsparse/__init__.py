@@ -25,6 +25,7 @@ _LAZY = {
     "CAPConfig": ("capsparse.cap.config", "CAPConfig"),
     "load_compressed": ("capsparse.export", "load_compressed"),
     "export_compressed": ("capsparse.export", "export_compressed"),
+    "from_pretrained": ("capsparse.pretrained", "from_pretrained"),
 }
 
 

@@ -1,22 +1,28 @@
 """Compressed export of pruned models: only the kept weights are stored.
 
-Directory layout written by :func:`export_compressed`::
+Directory layout written by :func:`export_compressed` (format version 2)::
 
     <path>/model.safetensors    dense tensors (embeddings, LayerNorms, biases, heads, dense linears) and,
                                 per SparseLinear ``<name>``:
-                                  element mask: ``<name>.weight.values`` (kept values, row-major) and
+                                  element mask: ``<name>.weight`` (kept values, row-major, 1-D) and
                                                 ``<name>.weight.mask_bits`` (uint8, capsparse.layout.pack_bits)
-                                  block layout: ``<name>.weight.blocks`` ``[nnz, bm, bk]`` (kept blocks) and
+                                  block layout: ``<name>.weight`` ``[nnz, bm, bk]`` (kept blocks) and
                                                 ``<name>.weight.block_index`` int32 ``[nnz, 2]`` (block row, col)
     <path>/config.json          the transformers model config
     <path>/capsparse.json       capsparse metadata: format version, per-layer kind/shape/block size/nnz,
                                 global sparsity, sizes
     <path>/tokenizer files      when a tokenizer is given
 
+The kept values sit under the weight's own name with a shape no dense layer has, so plain transformers
+``from_pretrained`` refuses the directory (a size mismatch naming each pruned weight) instead of loading random
+weights; version 1 exports (``<name>.weight.values`` / ``<name>.weight.blocks``) still load. A directory whose
+``capsparse.json`` is missing or unreadable but whose weights file is marked as an export is an error naming the
+file.
+
 Only safetensors and JSON are read back (no pickle). :func:`load_compressed` rebuilds the model with
 :class:`~capsparse.nn.SparseLinear` layers carrying the same masks/layouts, so it computes the same logits
 as the pruned model, and its forward goes through the default backend (the C++ ``cpu`` backend on CPU
-when built).
+when built). For the Hugging Face format (``save_pretrained``) see :mod:`capsparse.pretrained`.
 
 Structured pruning (CAP-f): after ``CAPTrainer.compact()`` the heads / FFN neurons are physically removed;
 the per-layer widths go to ``capsparse.json`` (``structure``) and the compacted linears are stored dense
@@ -36,21 +42,30 @@ from .layout import pack_bits, unpack_bits
 from .nn.sparse_linear import SparseLinear
 
 FORMAT = "capsparse-compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "capsparse.json"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 def is_compressed_dir(path: PathLike) -> bool:
-    """True when ``path`` is a directory written by :func:`export_compressed`."""
-    meta = Path(path) / META_FILE
-    if not meta.is_file():
+    """True when ``path`` looks like a directory written by :func:`export_compressed`: it has a ``capsparse.json``
+    (readable or not) or a weights file marked as an export. :func:`load_compressed` then either loads it or
+    raises naming the missing or corrupt file, so a broken export is never read as an ordinary model."""
+    path = Path(path)
+    if (path / META_FILE).exists():
+        return True
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
         return False
+    from safetensors import SafetensorError, safe_open
+
     try:
-        return json.loads(meta.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        with safe_open(str(weights), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
         return False
+
 
 
 def _sparse_modules(model: nn.Module) -> Dict[str, SparseLinear]:
@@ -155,7 +170,7 @@ def export_compressed(model: nn.Module, path: PathLike, tokenizer=None, extra_me
                                     "dtype": str(mod.weight.dtype).replace("torch.", "")}
             if mod.block_size is None:
                 mask = mod.mask.to("cpu")
-                tensors[f"{name}.weight.values"] = w[mask].contiguous()
+                tensors[f"{name}.weight"] = w[mask].contiguous()
                 tensors[f"{name}.weight.mask_bits"] = pack_bits(mask).contiguous()
                 info.update(kind="element", block_size=None, nnz=int(mask.sum()))
             else:
@@ -164,7 +179,7 @@ def export_compressed(model: nn.Module, path: PathLike, tokenizer=None, extra_me
                 r, c = bitmap.shape
                 idx = bitmap.nonzero().to(torch.int32)  # row-major order
                 blocks = w.reshape(r, bm, c, bk).permute(0, 2, 1, 3)
-                tensors[f"{name}.weight.blocks"] = blocks[idx[:, 0].long(), idx[:, 1].long()].contiguous()
+                tensors[f"{name}.weight"] = blocks[idx[:, 0].long(), idx[:, 1].long()].contiguous()
                 tensors[f"{name}.weight.block_index"] = idx.contiguous()
                 info.update(kind="block", block_size=[bm, bk], nnz=int(idx.shape[0]) * bm * bk,
                             nnz_blocks=int(idx.shape[0]), grid=[r, c])
@@ -222,10 +237,17 @@ def export_compressed(model: nn.Module, path: PathLike, tokenizer=None, extra_me
 
 
 def read_metadata(path: PathLike) -> Dict[str, Any]:
+    """``capsparse.json`` of an export; errors name the file when it is missing, unreadable or not an object."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: not a capsparse compressed export (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
+        raise FileNotFoundError(f"{meta_path}: missing; {Path(path)} is not a complete capsparse compressed export "
+                                f"(export_compressed writes {META_FILE} beside {WEIGHTS_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{meta_path}: corrupt ({exc}); re-export the model") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers"), dict):
+        raise ValueError(f"{meta_path}: corrupt (expected an object with a 'layers' mapping)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: expected format {FORMAT!r}, got {meta.get('format')!r}")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -270,6 +292,7 @@ def load_compressed(path: PathLike, backend: Optional[str] = None, device: Union
     if meta.get("structure"):
         _apply_structure(model, meta["structure"])
     layers = meta["layers"]
+    v1 = int(meta.get("format_version", 1)) < 2  # kept values under <name>.weight.values / .weight.blocks
     for name, info in layers.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
@@ -290,12 +313,12 @@ def load_compressed(path: PathLike, backend: Optional[str] = None, device: Union
                 w = torch.zeros(n, k, dtype=mod.weight.dtype)
                 if info["kind"] == "element":
                     mask = unpack_bits(f.get_tensor(f"{name}.weight.mask_bits"), (n, k))
-                    w[mask] = f.get_tensor(f"{name}.weight.values").to(w.dtype)
+                    w[mask] = f.get_tensor(f"{name}.weight.values" if v1 else f"{name}.weight").to(w.dtype)
                     mod.set_mask(mask)
                 elif info["kind"] == "block":
                     bm, bk = info["block_size"]
                     idx = f.get_tensor(f"{name}.weight.block_index").long()
-                    blocks = f.get_tensor(f"{name}.weight.blocks").to(w.dtype)
+                    blocks = f.get_tensor(f"{name}.weight.blocks" if v1 else f"{name}.weight").to(w.dtype)
                     view = w.view(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
                     view[idx[:, 0], idx[:, 1]] = blocks
                     bitmap = torch.zeros(n // bm, k // bk, dtype=torch.bool)
@@ -304,6 +327,7 @@ def load_compressed(path: PathLike, backend: Optional[str] = None, device: Union
                 else:
                     raise ValueError(f"{path}: layer {name!r} has unknown kind {info['kind']!r}")
                 mod.weight.copy_(w)
+                keys.discard(f"{name}.weight")
                 keys.discard(f"{name}.weight.values")
                 keys.discard(f"{name}.weight.mask_bits")
                 keys.discard(f"{name}.weight.blocks")
@@ -347,21 +371,31 @@ def size_report(path: PathLike) -> Dict[str, Any]:
 
 def load_any(path: PathLike, num_labels: Optional[int] = None, backend: Optional[str] = None,
              question_answering: bool = False) -> Tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a compressed export (its own model class, e.g. ``BertForQuestionAnswering``) or
+    """``(model, tokenizer)`` from a compressed export (its own model class, e.g. ``BertForQuestionAnswering``), a
+    pruned model saved with ``save_pretrained`` (SparseLinear layers rebuilt, :func:`capsparse.from_pretrained`) or
     an ordinary transformers directory / name (``AutoModelForSequenceClassification``, or
     ``AutoModelForQuestionAnswering`` with ``question_answering=True``)."""
     import transformers
 
     from .models import resolve_model_path
+    from .pretrained import from_pretrained, is_capsparse_pretrained
 
     if path not in (None, "default") and is_compressed_dir(path):
         return load_compressed(path, backend=backend, return_tokenizer=True)
     resolved = resolve_model_path(path)
+    auto = (transformers.AutoModelForQuestionAnswering if question_answering
+            else transformers.AutoModelForSequenceClassification)
+    if Path(resolved).is_dir() and is_capsparse_pretrained(resolved):
+        model, tokenizer = from_pretrained(resolved, model_class=auto, backend=backend, return_tokenizer=True)
+        if num_labels is not None and not question_answering and model.config.num_labels != num_labels:
+            raise ValueError(f"{resolved}: the pruned model has num_labels={model.config.num_labels}, expected "
+                             f"{num_labels}")
+        return model, tokenizer
     tokenizer = transformers.AutoTokenizer.from_pretrained(resolved)
     if question_answering:
-        model = transformers.AutoModelForQuestionAnswering.from_pretrained(resolved)
+        model = auto.from_pretrained(resolved)
     else:
         kwargs = {} if num_labels is None else {"num_labels": num_labels}
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(resolved, **kwargs)
+        model = auto.from_pretrained(resolved, **kwargs)
     model.eval()
     return model, tokenizer

@@ -5,6 +5,7 @@ leaks between models or tests.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Union
@@ -117,6 +118,21 @@ def sparsify(model: nn.Module, block_size: Optional[BlockSize] = None,
 def sparse_layers(model: nn.Module) -> Iterable[tuple]:
     """``(name, SparseLinear)`` pairs of ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+
+
+@contextlib.contextmanager
+def exact_state_dict(model: nn.Module):
+    """Within the block, ``model.state_dict()`` holds each SparseLinear's dense weight as it is (pruned entries
+    included, for training checkpoints that resume exactly) instead of ``W * M``."""
+    layers = [m for _, m in sparse_layers(model)]
+    before = [getattr(m, "state_dict_exact", False) for m in layers]
+    for m in layers:
+        m.state_dict_exact = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.state_dict_exact = b
 
 
 def densify(model: nn.Module) -> SurgeryReport:

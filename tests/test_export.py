@@ -1,4 +1,5 @@
 """Compressed export: round trip gives the same logits, files shrink with sparsity, no pickle."""
+import copy
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from capsparse import sparsify
+from capsparse import densify, sparsify
 from capsparse.export import (META_FILE, WEIGHTS_FILE, encoder_sparsity, export_compressed, is_compressed_dir,
                               load_compressed, size_report)
 from capsparse.surgery import sparse_layers
@@ -85,11 +86,10 @@ def test_block_export_stores_only_kept_blocks(tmp_path):
     meta = json.loads((tmp_path / "e" / META_FILE).read_text())
     with safe_open(str(tmp_path / "e" / WEIGHTS_FILE), framework="pt") as f:
         for name, info in meta["layers"].items():
-            blocks = f.get_tensor(f"{name}.weight.blocks")
+            blocks = f.get_tensor(f"{name}.weight")  # under the weight's name, with a shape no dense layer has
             idx = f.get_tensor(f"{name}.weight.block_index")
             assert blocks.shape == (info["nnz_blocks"], 32, 32)
             assert idx.shape == (info["nnz_blocks"], 2) and idx.dtype == torch.int32
-            assert f"{name}.weight" not in f.keys()
 
 
 def test_dense_model_and_tokenizer(tmp_path):
@@ -126,3 +126,134 @@ def test_structured_compacted_round_trip(tmp_path):
     loaded = load_compressed(tmp_path / "s")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs()).logits, ref, rtol=1e-4, atol=1e-5)
+
+
+# -- the Hugging Face format and the loud failures ------------------------------------------------------------
+
+def zeros(model):
+    return sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("weight"))
+
+
+def pruned_model(block_size):
+    model = tiny_bert()
+    sparsify(model, block_size=block_size)
+    prune_randomly(model, 0.3, block_size)
+    with torch.no_grad():
+        for _, mod in sparse_layers(model):  # pruned entries hold values (they may grow back while training)
+            assert (mod.weight[~mod.element_mask()] != 0).all()
+    return model
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_save_pretrained_round_trip(tmp_path, block_size):
+    from capsparse import from_pretrained
+
+    model = pruned_model(block_size)
+    with torch.no_grad():
+        ref = model(**inputs()).logits
+    model.save_pretrained(tmp_path / "hf")
+    loaded = from_pretrained(tmp_path / "hf", backend="reference")
+    assert [n for n, _ in sparse_layers(loaded)] == [n for n, _ in sparse_layers(model)]
+    for (_, m1), (_, m2) in zip(sparse_layers(model), sparse_layers(loaded)):
+        assert m2.block_size == m1.block_size and torch.equal(m2.element_mask(), m1.element_mask())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs()).logits, ref, rtol=1e-5, atol=1e-6)
+    dense = copy.deepcopy(model)
+    densify(dense)
+    pruned_zeros = zeros(dense)  # the zeros the pruned model computes with
+    assert pruned_zeros > 0.6 * encoder_sparsity(model)["total"] and zeros(loaded) == pruned_zeros
+    assert encoder_sparsity(loaded)["global"] == pytest.approx(encoder_sparsity(model)["global"])
+    # plain transformers reads the same directory as the same pruned model, computed densely
+    plain = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert not sparse_layers(plain)
+    assert zeros(plain) == zeros(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs()).logits, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_state_dict_keeps_pruned_entries():
+    from capsparse.surgery import exact_state_dict
+
+    model = pruned_model(None)
+    name, mod = sparse_layers(model)[0]
+    assert torch.equal(model.state_dict()[f"{name}.weight"], mod.weight.detach() * mod.mask)
+    with exact_state_dict(model):
+        assert torch.equal(model.state_dict()[f"{name}.weight"], mod.weight.detach())
+    assert torch.equal(model.state_dict()[f"{name}.weight"], mod.weight.detach() * mod.mask)
+
+
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_plain_transformers_refuses_an_export(tmp_path, block_size):
+    from capsparse import from_pretrained
+
+    model = pruned_model(block_size)
+    export_compressed(model, tmp_path / "exp")
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # not random weights, loaded silently
+        transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exp")
+    with torch.no_grad():
+        ref = model(**inputs()).logits
+        torch.testing.assert_close(from_pretrained(tmp_path / "exp", backend="reference")(**inputs()).logits, ref,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_version_1_export_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = pruned_model(None)
+    export_compressed(model, tmp_path / "v1")
+    meta = json.loads((tmp_path / "v1" / META_FILE).read_text())
+    tensors = load_file(str(tmp_path / "v1" / WEIGHTS_FILE))
+    for name in meta["layers"]:
+        tensors[f"{name}.weight.values"] = tensors.pop(f"{name}.weight")
+    save_file(tensors, str(tmp_path / "v1" / WEIGHTS_FILE), metadata={"format": "capsparse-compressed"})
+    (tmp_path / "v1" / META_FILE).write_text(json.dumps(dict(meta, format_version=1)))
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(tmp_path / "v1")(**inputs()).logits, model(**inputs()).logits,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "not-an-object"])
+def test_broken_capsparse_json_is_an_error_naming_it(tmp_path, damage):
+    from capsparse.export import load_any
+
+    export_compressed(pruned_model(None), tmp_path / "exp")
+    meta = tmp_path / "exp" / META_FILE
+    if damage == "missing":
+        meta.unlink()
+    else:
+        meta.write_text('{"format": "capsparse-compr' if damage == "corrupt" else "[1, 2]")
+    assert is_compressed_dir(tmp_path / "exp")  # the weights file says it is an export: never read as a plain model
+    with pytest.raises((FileNotFoundError, ValueError), match=META_FILE):
+        load_any(tmp_path / "exp")
+
+
+def test_load_any_rebuilds_a_save_pretrained_model(tmp_path):
+    from capsparse.export import load_any
+
+    model = pruned_model(None)
+    model.save_pretrained(tmp_path / "hf")
+    loaded, _ = load_any(tmp_path / "hf", num_labels=2, backend="reference")  # what eval / export / predict load
+    assert len(sparse_layers(loaded)) == len(sparse_layers(model))
+    assert encoder_sparsity(loaded)["global"] == pytest.approx(encoder_sparsity(model)["global"])
+    with pytest.raises(ValueError, match="num_labels=2"):
+        load_any(tmp_path / "hf", num_labels=3)
+
+
+def test_from_pretrained_refuses_unknown_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from capsparse import from_pretrained
+
+    model = pruned_model(None)
+    model.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / WEIGHTS_FILE
+    tensors = load_file(str(path))
+    tensors["bert.encoder.layer.0.output.dense.movement_scores"] = torch.zeros(64, 128)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="movement_scores.*finalize"):
+        from_pretrained(tmp_path / "hf")
+    tensors.pop("bert.encoder.layer.0.output.dense.movement_scores")
+    tensors.pop("bert.encoder.layer.1.output.LayerNorm.weight")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing.*layer.1.output.LayerNorm.weight"):
+        from_pretrained(tmp_path / "hf")

@@ -27,7 +27,7 @@ from ..pruning.pruners import SCORE_ATTR, build_pruner
 from ..pruning.schedule import CubicSchedule
 from ..pruning.structured import StructuredMasks, compact_model, prune_count, select_units
 from ..resources import GracefulStopCallback
-from ..surgery import sparse_layers, sparsify
+from ..surgery import exact_state_dict, sparse_layers, sparsify
 from .banks import BankSet, _dist, encode_pass, shard_indices
 from .config import CAPConfig
 from .losses import QA_PAD_LOGIT, RepresentationTap, cap_objective, task_loss
@@ -565,8 +565,24 @@ class CAPTrainer(transformers.Trainer):
                 "snapshot_epochs": sorted(self.snapshot_epochs), "stage": self.stage,
                 "pruner": None if self.pruner is None else self.pruner.state_dict()}
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        """As ``Trainer.save_model``: a Hugging Face directory holding the pruned model (each SparseLinear's masked
+        weight and its mask) that :func:`capsparse.from_pretrained` loads back as the same pruned model. The
+        training-only movement scores are left out (checkpoints keep them)."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        before = model._keys_to_ignore_on_save  # save_pretrained drops these keys (matched exactly)
+        model._keys_to_ignore_on_save = set(before or ()) | {n for n, _ in model.named_parameters()
+                                                             if n.endswith(SCORE_ATTR)}
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            model._keys_to_ignore_on_save = before
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        with exact_state_dict(self.model):  # the pruned entries too: they can grow back after a resume
+            super()._save_checkpoint(model, trial)
         out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             torch.save(self._cap_state(), os.path.join(out, CAP_STATE_NAME))

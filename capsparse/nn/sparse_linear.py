@@ -147,6 +147,14 @@ class SparseLinear(nn.Module):
         return masked_linear(x, self.weight, self.mask, self.bias, backend=self.backend,
                              masked_weight=self.masked_weight())
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # ``weight`` is saved as W * M, what the layer computes with: a plain nn.Linear (e.g. transformers'
+        # from_pretrained) then loads the pruned model, zeros included. Training checkpoints need the pruned
+        # entries too (they can grow back): capsparse.surgery.exact_state_dict sets ``state_dict_exact``.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars and not getattr(self, "state_dict_exact", False):
+            destination[prefix + "weight"] = self.weight.detach() * self.element_mask().to(self.weight.dtype)
+
     def _apply(self, fn, recurse=True):
         # device/dtype moves invalidate the caches
         self._layout = self._layout_key = self._masked_weight = self._masked_key = None
