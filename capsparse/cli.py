@@ -1,10 +1,12 @@
 """The ``capsparse`` command line: finetune, prune, eval, export, bench, demo, predict.
 
+This module only parses and prints: flags become an options dict that :func:`capsparse.app.options.resolve`
+validates and completes (the same path as a call from Python), and :mod:`capsparse.app` runs the command.
 Every subcommand accepts ``--config FILE`` (YAML or JSON: a mapping from option names, with ``-`` or
-``_``, to values); flags given on the command line override the file. All options are validated before
-any work starts: argparse errors and domain errors (bad values, missing files) exit with status 2 and a
-one-line message naming the flag, the value and what was expected. Set ``CAPSPARSE_DEBUG=1`` (or pass
-``--debug``) to see full tracebacks.
+``_``, to values); flags given on the command line override the file. A bad input (a value, a missing or
+unreadable file, a model that does not fit the task) exits with status 2 and one line naming the flag or
+file, the value and what was expected, before any model is loaded where the check does not need the model.
+Set ``CAPSPARSE_DEBUG=1`` (or pass ``--debug``) to see full tracebacks.
 """
 from __future__ import annotations
 
@@ -15,19 +17,25 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .app.options import BLOCK_SIZES, METHODS, RECIPE_NAMES, resolve
 from .app.options import OptionError as CLIError  # a user error: one line, exit status 2
-from .app.options import parse_cap_options
 
-METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
-RECIPES = ("glue-unstructured", "glue-structured", "squad-unstructured", "squad-structured")
-BLOCK_SIZES = (16, 32, 64, 128)
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 # -- argparse helpers ------------------------------------------------------------------------------------
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help when it takes a value, has a real default and its help does not
+    already say what the default is (no "(default: None)", none on on/off switches)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.nargs == 0 or default is None or default is argparse.SUPPRESS or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: {default})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,26 +44,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = True, task: bool = True,
+                seed: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", default=None,
                    help="YAML or JSON file of option values (keys are option names); command-line flags override it")
     p.add_argument("--output-dir", metavar="DIR", default=None,
                    help="run directory: config.json, metrics.json, run.log, plots and model files go here "
-                        "(default: runs/<command>-<task>-<time>)")
-    p.add_argument("--seed", type=int, default=42, help="random seed (data subset, initialisation, shuffling)")
+                        "(default: runs/<command>-<task>-<time>); a non-empty one is refused unless "
+                        + ("--resume or " if train else "") + "--overwrite")
+    p.add_argument("--overwrite", action="store_true", default=False,
+                   help="replace a non-empty --output-dir (an earlier run or export) instead of refusing it")
+    if seed:
+        p.add_argument("--seed", type=int, default=42, help="random seed (data subset, initialisation, shuffling)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--debug", action="store_true", default=False, help="show full tracebacks on errors")
     if data:
-        p.add_argument("--task", default="sst2",
-                       help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, mnli, qqp; or squad (SQuAD v1.1 question "
-                            "answering: a ...ForQuestionAnswering model, exact match / F1; see the SQuAD flags)")
+        if task:
+            p.add_argument("--task", default="sst2",
+                           help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, mnli, qqp; or squad (SQuAD v1.1 "
+                                "question answering: a ...ForQuestionAnswering model, exact match / F1; see the "
+                                "SQuAD flags)")
         p.add_argument("--glue-dir", metavar="DIR", default=None,
                        help="local GLUE directory (default: $CAPSPARSE_GLUE_DIR, then shared/glue next to the repo)")
         p.add_argument("--max-length", type=int, default=None,
                        help="maximum tokens per example (truncation; for squad the question+context window length) "
                             "(default: 128; 384 for --task squad)")
         p.add_argument("--batch-size", type=int, default=None,
-                       help="training batch size (per step) (default: 32; 16 for --task squad)")
+                       help="training batch size (per step) (default: finetune 32, 16 for --task squad; prune: the "
+                            "recipe's, 32 for glue-unstructured, 16 for the others)")
         p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
         p.add_argument("--max-eval-examples", type=int, default=None,
                        help="evaluate on a seeded subset of this many dev examples (default: all)")
@@ -65,14 +81,26 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = Tru
         p.add_argument("--epochs", type=float, default=3.0, help="training epochs (ignored when --max-steps is set)")
         p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
         p.add_argument("--learning-rate", type=float, default=None,
-                       help="weight learning rate (default: 5e-5 for finetune; the recipe's value for prune, 3e-5)")
-        p.add_argument("--warmup-ratio", type=float, default=None, help="LR warm-up as a fraction of the steps")
+                       help="weight learning rate (default: finetune 5e-5; prune: the recipe's, 3e-5, or 2e-5 for "
+                            "glue-structured)")
+        p.add_argument("--weight-decay", type=float, default=None,
+                       help="AdamW weight decay (default: finetune 0; prune: the recipe's, 0 for *-unstructured, "
+                            "0.01 for *-structured)")
+        p.add_argument("--warmup-ratio", type=float, default=None,
+                       help="LR warm-up as a fraction of the steps (default: 0; prune *-unstructured: 0.1, the "
+                            "official warm-up of one schedule unit)")
         p.add_argument("--logging-steps", type=int, default=None,
                        help="log loss/sparsity every N steps (default: about 20 points per run)")
         p.add_argument("--eval-during-training", action="store_true", default=False,
                        help="also evaluate on the dev set at every logging step (slower)")
         p.add_argument("--group-by-length", action="store_true", default=False,
                        help="batch examples of similar length together (less padding: faster on CPU)")
+        p.add_argument("--save-steps", type=int, default=None,
+                       help="write a checkpoint to <output-dir>/checkpoints every N steps, keeping the last two "
+                            "(default: none)")
+        p.add_argument("--resume", action="store_true", default=False,
+                       help="continue the run in --output-dir from its newest complete checkpoint (from step 0 if it "
+                            "has none); the options must be the run's")
 
 
 def _add_squad(p: argparse.ArgumentParser) -> None:
@@ -118,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", formatter_class=_Formatter, help="prune a model (CAP or a plain baseline)",
                        description="Prune while fine-tuning (fine-pruning), with or without CAP's contrastive terms. "
-                                   "Defaults come from --recipe (the paper's official scripts); flags override them. "
-                                   "Writes a compressed export (only kept weights) to <output-dir>/compressed. "
-                                   "--task squad prunes a question-answering model (use --recipe squad-unstructured).")
+                                   "Defaults come from --recipe (the official CAP scripts: method, sparsity, "
+                                   "learning rate, batch size, weight decay, CAP weights); flags override them and "
+                                   "a --cap-option may not contradict a flag. Writes a compressed export (only kept "
+                                   "weights) to <output-dir>/compressed. --task squad prunes a question-answering "
+                                   "model (default recipe squad-unstructured).")
     _add_common(p)
     _add_squad(p)
     p.add_argument("--model", default="default",
@@ -133,38 +163,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pruning criterion (default: the recipe's: movement for *-unstructured, first-order for "
                         "*-structured)")
     p.add_argument("--cap", dest="cap", action="store_true", default=None,
-                   help="add CAP's contrastive terms (PrC, SnC, FiC) to the loss (default: on)")
-    p.add_argument("--no-cap", dest="cap", action="store_false", help="plain baseline: no contrastive terms")
+                   help="add CAP's contrastive terms (PrC, SnC, FiC) to the loss (the default)")
+    p.add_argument("--no-cap", dest="cap", action="store_false",
+                   help="plain baseline: cross-entropy and distillation only, no contrastive terms")
     p.add_argument("--sparsity", type=float, default=None,
-                   help="target fraction of pruned encoder-linear weights, in [0, 1) (default: the recipe's, 0.9)")
+                   help="target fraction of pruned encoder-linear weights, in [0, 1) (default: the recipe's, 0.9); "
+                        "not with soft-movement, whose L1 penalty sets the sparsity reached")
     p.add_argument("--block-size", type=int, default=None,
-                   help=f"block side for block-movement, one of {BLOCK_SIZES} (default: the recipe's, 32)")
-    p.add_argument("--recipe", choices=RECIPES, default=None,
-                   help="hyper-parameter defaults from the official CAP scripts (cap-method.md section 4) (default: "
+                   help=f"block side for block-movement (or block magnitude), one of {BLOCK_SIZES} (default: 32 "
+                        f"for block-movement, element masks otherwise)")
+    p.add_argument("--recipe", choices=RECIPE_NAMES, default=None,
+                   help="hyper-parameter defaults from the official CAP scripts (docs/cap.md) (default: "
                         "glue-unstructured; squad-unstructured for --task squad; *-structured with --method "
                         "first-order)")
     p.add_argument("--cap-option", action="append", default=None, metavar="KEY=VALUE",
                    help="set any other CAPConfig field, e.g. --cap-option temperature=0.1 --cap-option w_u=0.1 "
-                        "(repeatable; values are parsed as JSON, else taken as strings)")
+                        "(repeatable; values are parsed as JSON, else taken as strings, and checked against the "
+                        "field's type: use_cap=nope is an error)")
 
     p = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate a model on a GLUE or SQuAD dev set",
                        description="Evaluate a model directory or a compressed export on a GLUE split, or on SQuAD "
-                                   "v1.1 (--task squad: exact match and F1 of the official evaluator).")
+                                   "v1.1 (--task squad: exact match and F1 of the official evaluator). Test splits "
+                                   "have no public labels and are refused (use predict).")
     _add_common(p, train=False)
     _add_squad(p)
     p.add_argument("--model", required=False, default=None,
                    help="model directory (transformers format or a capsparse compressed export); required")
-    p.add_argument("--split", default="validation", help="split to evaluate (validation/dev, train, ...)")
+    p.add_argument("--split", default="validation", help="split to evaluate (validation/dev or train)")
 
     p = sub.add_parser("export", formatter_class=_Formatter, help="write a compressed export (only kept weights)",
                        description="Export a pruned model storing only the kept weights. The input is a compressed "
                                    "export (re-exported, e.g. with --fp16) or a transformers directory whose pruned "
                                    "weights are exact zeros (masks are taken from the non-zeros).")
-    _add_common(p, data=False, train=False)
+    _add_common(p, data=False, train=False, seed=False)
     p.add_argument("--model", default=None, help="input model directory; required")
     p.add_argument("--block-size", type=int, default=None,
                    help=f"for a transformers input: block layout side in {BLOCK_SIZES} (a block is kept when any "
-                        f"of its weights is non-zero); default: element masks")
+                        f"of its weights is non-zero; default: element masks)")
     p.add_argument("--fp16", action="store_true", default=False, help="store kept values in float16")
 
     p = sub.add_parser("bench", formatter_class=_Formatter, help="run a benchmark suite from benchmarks/",
@@ -181,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with CAP-m and with plain movement (same budget), evaluate both on SST-2 dev, "
                                    "export both and print a table. About 10 minutes on 2 CPU cores; --quick is a "
                                    "1-2 minute smoke run.")
-    _add_common(p, train=False)
+    _add_common(p, train=False, task=False)
     p.set_defaults(max_length=64, output_dir=None, task="sst2")
     p.add_argument("--model", default="default", help="model directory or 'default'")
     p.add_argument("--quick", action="store_true", default=False,
@@ -199,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight learning rate, teacher and pruning (default 1e-4)")
 
     p = sub.add_parser("predict", formatter_class=_Formatter, help="classify sentences with a model",
-                       description="Print the predicted label (and probabilities) for each input.")
-    _add_common(p, data=False, train=False)
+                       description="Print the predicted label (and probabilities) for each input; with --output-dir "
+                                   "also write them to <output-dir>/predictions.jsonl.")
+    _add_common(p, data=False, train=False, seed=False)
     p.add_argument("--model", default=None, help="model directory (transformers or compressed export); required")
     p.add_argument("--text", action="append", default=None,
                    help="input text (repeatable); for sentence-pair tasks separate the pair with ' ||| '")
@@ -320,138 +356,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # -- validation ------------------------------------------------------------------------------------------------
 
-def _need(cond: bool, flag: str, value: Any, expected: str) -> None:
-    if not cond:
-        raise CLIError(f"{flag}: got {value!r}, expected {expected}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_model(flag: str, value: Any, required: bool = False) -> None:
-    if value is None:
-        _need(not required, flag, value, "a model directory")
-        return
-    _need(isinstance(value, str) and value != "", flag, value, "a model directory, hub name or 'default'")
-    if value == "default":
-        return
-    looks_local = os.sep in value or value.startswith(".") or Path(value).exists()
-    if looks_local and not Path(value).is_dir():
-        raise CLIError(f"{flag}: got {value!r}, expected an existing model directory")
-    if Path(value).is_dir():
-        has = any((Path(value) / f).is_file() for f in ("config.json", "capsparse.json"))
-        _need(has, flag, value, "a directory with config.json (transformers) or capsparse.json (compressed export)")
-
-
 def validate(args: argparse.Namespace) -> None:
-    """Check every option before any work starts; raises CLIError naming the flag, value and expectation."""
-    cmd = args.command
-    if cmd == "bench":
+    """Validate and complete the parsed options (:func:`capsparse.app.options.resolve`, the one place options are
+    checked); the namespace gets the resolved values. Raises CLIError naming the flag, value and expectation."""
+    if args.command == "bench":
         return
-    if getattr(args, "seed", None) is not None:
-        _need(_is_int(args.seed) and args.seed >= 0, "--seed", args.seed, "a non-negative integer")
-    if getattr(args, "threads", None) is not None:
-        _need(_is_int(args.threads) and args.threads >= 1, "--threads", args.threads, "a positive integer")
-    if getattr(args, "output_dir", None) is not None:
-        _need(isinstance(args.output_dir, str) and args.output_dir.strip() != "", "--output-dir", args.output_dir,
-              "a directory path")
-        out = Path(args.output_dir)
-        _need(not out.exists() or out.is_dir(), "--output-dir", args.output_dir, "a directory (it is a file)")
-    from .data.squad import is_squad_task
-
-    squad_ok = cmd in ("finetune", "prune", "eval")
-    squad = squad_ok and is_squad_task(getattr(args, "task", None))
-    if hasattr(args, "task") and args.task is not None and not squad:
-        try:
-            from .data import get_glue_task
-
-            get_glue_task(args.task)
-        except ValueError:
-            from .data import glue_task_names
-
-            extra = ", squad" if squad_ok else ""
-            names = ", ".join(glue_task_names())
-            raise CLIError(f"--task: got {args.task!r}, expected one of {names}{extra}") from None
-    for flag in ("max_length", "batch_size", "eval_batch_size", "max_query_length"):
-        if getattr(args, flag, None) is not None:
-            v = getattr(args, flag)
-            _need(_is_int(v) and v >= 1, "--" + flag.replace("_", "-"), v, "a positive integer")
-    if getattr(args, "max_length", None) is not None:
-        _need(args.max_length <= 4096, "--max-length", args.max_length, "at most 4096 tokens")
-    if squad and getattr(args, "doc_stride", None) is not None:
-        from .app.options import SQUAD_MAX_LENGTH
-
-        length = args.max_length or SQUAD_MAX_LENGTH
-        _need(_is_int(args.doc_stride) and 0 <= args.doc_stride < length, "--doc-stride", args.doc_stride,
-              f"an integer in [0, --max-length) = [0, {length})")
-    if getattr(args, "squad_dir", None) is not None:
-        _need(Path(args.squad_dir).is_dir(), "--squad-dir", args.squad_dir, "an existing directory")
-    for flag in ("squad_train_file", "squad_dev_file"):
-        if getattr(args, flag, None) is not None:
-            _need(Path(getattr(args, flag)).is_file(), "--" + flag.replace("_", "-"), getattr(args, flag),
-                  "an existing SQuAD-format JSON file")
-    if squad and getattr(args, "eval_during_training", False):
-        raise CLIError("--eval-during-training: got it with --task squad, expected it only for GLUE tasks (SQuAD "
-                       "exact match / F1 is computed at the end of the run)")
-    for flag in ("max_train_examples", "max_eval_examples", "max_steps", "logging_steps", "train_examples",
-                 "teacher_steps", "prune_steps"):
-        v = getattr(args, flag, None)
-        if v is not None:
-            _need(_is_int(v) and v >= 1, "--" + flag.replace("_", "-"), v, "a positive integer")
-    if getattr(args, "epochs", None) is not None:
-        _need(_is_num(args.epochs) and args.epochs > 0, "--epochs", args.epochs, "a positive number")
-    if getattr(args, "learning_rate", None) is not None:
-        _need(_is_num(args.learning_rate) and 0 < args.learning_rate < 1, "--learning-rate", args.learning_rate,
-              "a number in (0, 1)")
-    if getattr(args, "warmup_ratio", None) is not None:
-        _need(_is_num(args.warmup_ratio) and 0 <= args.warmup_ratio < 1, "--warmup-ratio", args.warmup_ratio,
-              "a number in [0, 1)")
-    if getattr(args, "glue_dir", None) is not None:
-        _need(Path(args.glue_dir).is_dir(), "--glue-dir", args.glue_dir, "an existing directory")
-    if getattr(args, "sparsity", None) is not None:
-        _need(_is_num(args.sparsity) and 0 <= args.sparsity < 1, "--sparsity", args.sparsity,
-              "a fraction in [0, 1), e.g. 0.9 for 90%")
-    if getattr(args, "block_size", None) is not None:
-        _need(args.block_size in BLOCK_SIZES, "--block-size", args.block_size, f"one of {list(BLOCK_SIZES)}")
-    if cmd in ("finetune", "prune", "demo"):
-        _check_model("--model", args.model)
-    if cmd == "prune":
-        _check_model("--teacher", args.teacher)
-        args.cap_options = parse_cap_options(args.cap_option)
-        method = args.method
-        if args.block_size is not None and method not in (None, "block-movement"):
-            raise CLIError(f"--block-size: got {args.block_size!r} with --method {method}, expected --block-size "
-                           f"only with --method block-movement")
-        if args.recipe is None:
-            from .app.options import default_recipe
-
-            args.recipe = default_recipe(args.task, method)
-        if method == "first-order" and args.recipe.endswith("unstructured"):
-            args.recipe = args.recipe.replace("unstructured", "structured")
-    if cmd in ("eval", "predict", "export"):
-        _check_model("--model", args.model, required=True)
-    if cmd == "eval":
-        try:
-            if squad:
-                from .app.tasks import squad_split
-
-                squad_split(args.split)
-            else:
-                from .data import get_glue_task
-
-                get_glue_task(args.task).resolve_split(args.split)
-        except ValueError as exc:
-            raise CLIError(f"--split: got {args.split!r}, expected a split of {args.task} ({exc})") from None
-    if cmd == "predict":
-        if not args.text and not args.input:
-            raise CLIError("--text/--input: got neither, expected at least one --text or an --input file")
-        if args.input not in (None, "-") and not Path(args.input).is_file():
-            raise CLIError(f"--input: got {args.input!r}, expected an existing file (or '-' for stdin)")
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "debug")}
+    if args.command == "predict":
+        given.setdefault("task", None)
+    vars(args).update(resolve(given, args.command))
 
 
 # -- commands --------------------------------------------------------------------------------------------------

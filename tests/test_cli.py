@@ -36,17 +36,19 @@ def test_prune_defaults_and_flags():
     assert a.method == "movement" and a.cap is False and a.sparsity == 0.97 and a.max_steps == 10 and a.seed == 3
     a = parse(["prune", "--cap", "--method", "block-movement", "--block-size", "32"])
     assert a.cap is True and a.block_size == 32
-    a = parse(["prune"])
-    assert a.cap is None and a.recipe == "glue-unstructured" and a.task == "sst2"
-    a = parse(["prune", "--method", "first-order"])
-    assert a.recipe == "glue-structured"
+    a = parse(["prune"])  # the recipe fills what was not given, and the namespace records it
+    assert (a.cap, a.recipe, a.task, a.method, a.sparsity) == (True, "glue-unstructured", "sst2", "movement", 0.9)
+    assert (a.learning_rate, a.batch_size, a.weight_decay, a.warmup_ratio) == (3e-5, 32, 0.0, 0.1)
+    a = parse(["prune", "--method", "first-order"])  # the structured recipe's training values apply
+    assert (a.recipe, a.learning_rate, a.batch_size, a.weight_decay, a.warmup_ratio) == (
+        "glue-structured", 2e-5, 16, 0.01, None)
     a = parse(["prune", "--cap-option", "temperature=0.2", "--cap-option", "banks=[\"prc\"]"])
     assert a.cap_options == {"temperature": 0.2, "banks": ["prc"]}
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_config_file_with_cli_override(tmp_path, suffix):
-    values = {"method": "soft-movement", "sparsity": 0.8, "max-steps": 7, "batch_size": 8, "no_cap": True,
+    values = {"method": "magnitude", "sparsity": 0.8, "max-steps": 7, "batch_size": 8, "no_cap": True,
               "cap_option": {"w_u": 0.5}}
     path = tmp_path / f"c{suffix}"
     if suffix == ".json":
@@ -56,7 +58,7 @@ def test_config_file_with_cli_override(tmp_path, suffix):
 
         path.write_text(yaml.safe_dump(values))
     a = parse(["prune", "--config", str(path)])
-    assert (a.method, a.sparsity, a.max_steps, a.batch_size, a.cap) == ("soft-movement", 0.8, 7, 8, False)
+    assert (a.method, a.sparsity, a.max_steps, a.batch_size, a.cap) == ("magnitude", 0.8, 7, 8, False)
     assert a.cap_options == {"w_u": 0.5}
     a = parse(["prune", "--config", str(path), "--sparsity", "0.5", "--cap", "--batch-size", "4"])
     assert (a.sparsity, a.cap, a.batch_size, a.max_steps) == (0.5, True, 4, 7)

@@ -190,9 +190,9 @@ def test_squad_defaults():
     assert a.recipe == "squad-unstructured" and a.doc_stride == 128 and a.max_query_length == 64
     assert cli.parse_args(["prune", "--task", "squad", "--method", "first-order"]).recipe == "squad-structured"
     assert cli.parse_args(["prune"]).recipe == "glue-unstructured"
-    o = options.resolve({"task": "squad"})
+    o = options.resolve({"task": "squad"}, "prune")
     assert (o["max_length"], o["batch_size"], o["recipe"]) == (384, 16, "squad-unstructured")
-    o = options.resolve({"task": "sst2"})
+    o = options.resolve({"task": "sst2"}, "prune")
     assert (o["max_length"], o["batch_size"], o["recipe"]) == (128, 32, "glue-unstructured")
 
 

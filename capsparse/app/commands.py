@@ -22,10 +22,9 @@ from typing import Any, Dict, List, Optional
 from ..data.squad import is_squad_task
 from ..runlog import RunDir, get_logger, write_json
 from . import tasks
-from .options import (SHORT_BUDGET_FRACTION, build_cap_config, check_squad_cap_config, check_squad_options,
-                      default_output_dir, fit_schedule, method_label, resolve)
-from .run import ConsoleLogCallback, other_rank_result, save_history, seed_everything, training_arguments
-from .tasks import get_task, load_squad_split, load_split, make_collator, make_compute_metrics, squad_source
+from .options import OptionError, build_cap_config, default_output_dir, fit_schedule, method_label, resolve
+from .run import (finish_run, other_rank_result, run_callbacks, start_run, train, training_arguments, untimed)
+from .tasks import get_task, load_squad_split, make_collator, make_compute_metrics, squad_source
 
 log = get_logger("app")
 
@@ -34,42 +33,32 @@ def finetune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
     """Fine-tune a dense model (a KD teacher, or the dense reference). Saves ``<output_dir>/model``."""
     from transformers import Trainer
 
-    o = resolve(options, **overrides)
+    o = resolve(options, "finetune", **overrides)
     t = get_task(o["task"])
-    squad = is_squad_task(t)
-    sources = tasks.squad_sources(t, o)
-    out = Path(o["output_dir"] or default_output_dir("finetune", t.name))
-    run = RunDir(out, command="finetune")
-    o["output_dir"] = str(out)
-    run.write_config(o)
-    seed_everything(o["seed"])
+    raw = tasks.load_raw(t, o)  # missing or bad data fails before any model is loaded
+    run = start_run(o, "finetune", t.name)
     started = time.perf_counter()
     model, tokenizer = tasks.load_model(t, o["model"])
-    train, dev, data_desc = tasks.load_train_dev(t, tokenizer, o, sources)
-    lr = o["learning_rate"] or 5e-5
-    args, total = training_arguments(o, out, lr, len(train),
-                                     eval_strategy="steps" if o["eval_during_training"] else "no")
-    log.info("finetune %s: %s, %d steps, lr %g, batch %d, max_length %d", t.name, data_desc, total, lr,
-             o["batch_size"], o["max_length"])
-    trainer = Trainer(model=model, args=args, train_dataset=train,
+    train_set, dev, data_desc = tasks.featurize(t, tokenizer, o, raw)
+    args, total = training_arguments(o, run.path, len(train_set))
+    log.info("finetune %s: %s, %d steps, lr %g, batch %d, max_length %d", t.name, data_desc, total,
+             o["learning_rate"], o["batch_size"], o["max_length"])
+    trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       eval_dataset=dev if o["eval_during_training"] else None,
                       processing_class=tokenizer, data_collator=make_collator(tokenizer),
-                      compute_metrics=None if squad else make_compute_metrics(t.name),
-                      callbacks=[ConsoleLogCallback()])
-    train_out = trainer.train()
+                      compute_metrics=None if is_squad_task(t) else make_compute_metrics(t.name),
+                      callbacks=run_callbacks(checkpoints=bool(o["save_steps"])))
+    train_out = train(trainer, o, run)
     train_seconds = time.perf_counter() - started
     if not run.writes:
         return other_rank_result("finetune", trainer)
-    metrics = tasks.evaluate_task(t, model, tokenizer, dev, o, desc="eval dev", out=out)
-    model_dir = out / "model"
+    metrics = tasks.evaluate_task(t, model, tokenizer, dev, o, desc="eval dev", out=run.path)
+    model_dir = run.path / "model"
     trainer.model.save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
-    plots = save_history(trainer, out)
-    result = run.update_metrics(command="finetune", task=t.name, eval=metrics, train_loss=train_out.training_loss,
-                                train_steps=trainer.state.global_step, train_examples=len(train), data=data_desc,
-                                train_seconds=train_seconds, wall_seconds=time.perf_counter() - started,
-                                cpu_seconds=time.process_time(),
-                                model_dir=str(model_dir), plots=plots)
+    result = finish_run(run, trainer, train_out, started, command="finetune", task=t.name, eval=metrics,
+                        train_examples=len(train_set), data=data_desc, train_seconds=train_seconds,
+                        model_dir=str(model_dir))
     log.info("finetune done: %s %s = %.4f (dev, %d examples), model in %s, %.0f s", t.name, metrics["main_metric"],
              metrics[metrics["main_metric"]], metrics["num_examples"], model_dir, time.perf_counter() - started)
     return result
@@ -80,22 +69,18 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
     from ..cap.trainer import CAPTrainer
     from ..export import export_compressed, is_compressed_dir
 
-    o = resolve(options, **overrides)
+    o = resolve(options, "prune", **overrides)
     t = get_task(o["task"])
-    squad = is_squad_task(t)
     if o["model"] not in (None, "default") and is_compressed_dir(o["model"]):
-        raise ValueError(f"--model: {o['model']!r} is a compressed export; prune starts from a dense transformers "
-                         f"model directory")
-    cap_config = build_cap_config(o, has_teacher=o["teacher"] is not None)
-    if squad:
-        check_squad_cap_config(cap_config)
-    sources = tasks.squad_sources(t, o)
+        raise OptionError(f"--model: {o['model']!r} is a compressed export; prune starts from a dense transformers "
+                          f"model directory")
+    cap_config = build_cap_config(o)
+    tasks.check_labels_before_loading("--model", o["model"], t)
+    if o["teacher"]:
+        tasks.check_labels_before_loading("--teacher", o["teacher"], t)
+    raw = tasks.load_raw(t, o)  # missing or bad data fails before any model is loaded
     label = method_label(cap_config)
-    out = Path(o["output_dir"] or default_output_dir(f"prune-{label}", t.name))
-    run = RunDir(out, command="prune")
-    o["output_dir"] = str(out)
-    run.write_config(o, cap_config=cap_config.to_dict())
-    seed_everything(o["seed"])
+    run = start_run(o, "prune", t.name, label=label, cap_config=cap_config.to_dict())
     started = time.perf_counter()
     model, tokenizer = tasks.load_model(t, o["model"])
     teacher = tasks.load_teacher(o["teacher"], t) if o["teacher"] else None
@@ -103,52 +88,57 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
         log.warning("no --teacher: CAPTrainer first fine-tunes a dense copy for teacher_epochs=%g epochs (set "
                     "--teacher to reuse one, or --cap-option w_kd=0 with --no-cap for no teacher)",
                     cap_config.teacher_epochs)
-    train, dev, data_desc = tasks.load_train_dev(t, tokenizer, o, sources)
-    lr = o["learning_rate"] or 3e-5
-    if o.get("warmup_ratio") is None and not getattr(cap_config, "structured", False):
-        o["warmup_ratio"] = SHORT_BUDGET_FRACTION  # the official LR warm-up is the schedule unit w
-    args, total = training_arguments(o, out, lr, len(train), remove_unused=False,
-                                     eval_strategy="steps" if o["eval_during_training"] else "no")
-    cap_config = fit_schedule(cap_config, total, o.get("cap_options") or {})
+    train_set, dev, data_desc = tasks.featurize(t, tokenizer, o, raw)
+    args, total = training_arguments(o, run.path, len(train_set), remove_unused=False)
+    cap_config = fit_schedule(cap_config, total, o["cap_options"])
     if run.writes:
-        write_json(out / "cap_config.json", cap_config.to_dict())
-    log.info("prune %s with %s (target sparsity %.3f): %s, %d steps, lr %g, batch %d, max_length %d, teacher %s",
-             t.name, label, getattr(cap_config, "target_sparsity", float("nan")), data_desc, total, lr,
-             o["batch_size"], o["max_length"], o["teacher"])
-    trainer = CAPTrainer(model=model, args=args, cap_config=cap_config, train_dataset=train,
+        write_json(run.path / "cap_config.json", cap_config.to_dict())
+    target = "set by its L1 penalty" if o["sparsity"] is None else f"target sparsity {o['sparsity']:.3f}"
+    log.info("prune %s with %s (%s): %s, %d steps, lr %g, batch %d, weight decay %g, max_length %d, teacher %s",
+             t.name, label, target, data_desc, total, o["learning_rate"], o["batch_size"], o["weight_decay"],
+             o["max_length"], o["teacher"])
+    trainer = CAPTrainer(model=model, args=args, cap_config=cap_config, train_dataset=train_set,
                          eval_dataset=dev if o["eval_during_training"] else None, teacher=teacher,
                          processing_class=tokenizer, data_collator=make_collator(tokenizer),
-                         compute_metrics=None if squad else make_compute_metrics(t.name),
-                         callbacks=[ConsoleLogCallback()])
-    train_out = trainer.train()
+                         compute_metrics=None if is_squad_task(t) else make_compute_metrics(t.name),
+                         callbacks=run_callbacks(checkpoints=False))  # CAPTrainer adds the manifest writer itself
+    train_out = train(trainer, o, run)
     train_seconds = time.perf_counter() - started
     if not run.writes:
         return other_rank_result("prune", trainer)
     model = trainer.model
     report = trainer.sparsity_report()
-    compacted = None
-    if getattr(cap_config, "structured", False):
-        compacted = trainer.compact()
+    compacted = trainer.compact() if cap_config.structured else None
     trainer.finalize()  # drop score parameters and hooks: plain SparseLinear layers with their masks remain
-    metrics = tasks.evaluate_task(t, model, tokenizer, dev, o, desc="eval dev", out=out)
-    export_dir = out / "compressed"
+    metrics = tasks.evaluate_task(t, model, tokenizer, dev, o, desc="eval dev", out=run.path)
+    export_dir = run.path / "compressed"
     meta = export_compressed(model, export_dir, tokenizer=tokenizer,
                              extra_metadata={"task": t.name, "method": label, "cap_config": cap_config.to_dict(),
-                                             "eval": metrics})
-    plots = save_history(trainer, out, target_sparsity=getattr(cap_config, "target_sparsity", None))
-    result = run.update_metrics(
-        command="prune", task=t.name, method=label, use_cap=bool(getattr(cap_config, "use_cap", False)),
-        target_sparsity=getattr(cap_config, "target_sparsity", None), sparsity=report.get("global"),
-        sparsity_report=report, eval=metrics, train_loss=train_out.training_loss, train_steps=trainer.state.global_step,
-        train_examples=len(train), data=data_desc, train_seconds=train_seconds,
-        wall_seconds=time.perf_counter() - started,
-        cpu_seconds=time.process_time(),
-        export_dir=str(export_dir), export_bytes=meta["file_bytes"], dense_bytes=meta["dense_bytes"], plots=plots,
-        teacher=o["teacher"], compacted=compacted)
+                                             "eval": untimed(metrics)})
+    result = finish_run(
+        run, trainer, train_out, started, plot_target=o["sparsity"],
+        command="prune", task=t.name, method=label, use_cap=cap_config.use_cap, target_sparsity=o["sparsity"],
+        sparsity=report.get("global"), sparsity_report=report, eval=metrics, train_examples=len(train_set),
+        data=data_desc, train_seconds=train_seconds, export_dir=str(export_dir), export_bytes=meta["file_bytes"],
+        dense_bytes=meta["dense_bytes"], teacher=o["teacher"], compacted=compacted)
     log.info("prune done: %s at sparsity %.4f: %s %s = %.4f; export %s (%.1f MB, dense %.1f MB); %.0f s", label,
              report.get("global", float("nan")), t.name, metrics["main_metric"], metrics[metrics["main_metric"]],
              export_dir, meta["file_bytes"] / 1e6, meta["dense_bytes"] / 1e6, time.perf_counter() - started)
     return result
+
+
+def _output_run(o: Dict[str, Any], command: str) -> Optional[RunDir]:
+    """The ``--output-dir`` of a command that does not train (``None`` without one); replaced with --overwrite."""
+    if not o.get("output_dir"):
+        return None
+    out = Path(o["output_dir"])
+    if o.get("overwrite") and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    run = RunDir(out, command=command)
+    run.write_config(o)
+    return run
 
 
 def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
@@ -156,31 +146,38 @@ def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
     from ..cap.trainer import is_qa_model
     from ..export import encoder_sparsity, load_any
 
-    o = resolve(options, **overrides)
+    o = resolve(options, "eval", **overrides)
     t = get_task(o["task"])
     squad = is_squad_task(t)
-    if squad:
-        check_squad_options(o)
-    source = squad_source(o, o["split"]) if squad else None  # before loading anything
-    model, tokenizer = load_any(o["model"], question_answering=squad)
+    if squad:  # located before anything is loaded
+        source = squad_source(o, o["split"])
+    else:
+        from ..data import load_glue
+
+        raw = load_glue(t.name, o["split"], glue_dir=o["glue_dir"], max_examples=o["max_eval_examples"],
+                        seed=o["seed"])
+        if len(raw) and all(label == -1 for label in raw["label"]):
+            raise OptionError(f"--split: {o['split']!r} of {t.name} has no labels (all -1), so there is nothing to "
+                              f"score; use `capsparse predict` to label it")
+    tasks.check_labels_before_loading("--model", o["model"], t)
+    model, tokenizer = tasks.load_checked("--model", o["model"], load_any, o["model"], question_answering=squad)
     if squad:
         tasks.check_qa_checkpoint(model, o["model"], "--model")
     elif is_qa_model(model):
-        raise ValueError(f"--model: {o['model']!r} is a question-answering model ({type(model).__name__}); "
-                         f"evaluate it with --task squad")
+        raise OptionError(f"--model: {o['model']!r} is a question-answering model ({type(model).__name__}); "
+                          f"evaluate it with --task squad")
     elif getattr(model.config, "num_labels", t.num_labels) != t.num_labels:
-        raise ValueError(f"--model: {o['model']!r} has {model.config.num_labels} labels, expected {t.num_labels} "
-                         f"for --task {t.name}")
-    run = RunDir(o["output_dir"], command="eval") if o["output_dir"] else None
-    if run:
-        run.write_config(o)
+        raise OptionError(f"--model: {o['model']!r} has {model.config.num_labels} labels, expected {t.num_labels} "
+                          f"for --task {t.name}")
+    run = _output_run(o, "eval")
     if squad:
         data = load_squad_split(tokenizer, o, o["split"], source, o["max_eval_examples"])
     else:
-        data = load_split(t.name, tokenizer, o["split"], o["glue_dir"], o["max_length"], o["max_eval_examples"],
-                          o["seed"])
+        from ..data import tokenize_dataset
+
+        data = tokenize_dataset(raw, tokenizer, t.name, max_length=o["max_length"])
     metrics = tasks.evaluate_task(t, model, tokenizer, data, o, desc=f"eval {o['split']}",
-                        out=Path(o["output_dir"]) if run else None)
+                                  out=run.path if run else None)
     sp = encoder_sparsity(model)
     metrics["sparsity"] = sp["global"] if sp["total"] else 0.0
     line = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "eval_seconds")
@@ -197,20 +194,13 @@ def export(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, A
     from ..export import export_compressed, is_compressed_dir, load_compressed
     from ..surgery import sparse_layers, sparsify
 
-    o = resolve(options, **overrides)
+    o = resolve(options, "export", **overrides)
     src = o["model"]
     out = Path(o["output_dir"] or default_output_dir("export", None))
     if is_compressed_dir(src):
-        model, tokenizer = load_compressed(src, return_tokenizer=True)
+        model, tokenizer = tasks.load_checked("--model", src, load_compressed, src, return_tokenizer=True)
     else:
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-        arch = (transformers.AutoConfig.from_pretrained(src).architectures or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None  # e.g. BertForQuestionAnswering keeps its head
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            cls = transformers.AutoModelForSequenceClassification
-        model = cls.from_pretrained(src)
+        model, tokenizer = tasks.load_checked("--model", src, _load_dense, src)
         sparsify(model, block_size=o.get("block_size"))
         with torch.no_grad():
             for _, mod in sparse_layers(model):
@@ -221,6 +211,10 @@ def export(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, A
                     bm, bk = mod.block_size
                     n, k = nz.shape
                     mod.set_mask(nz.reshape(n // bm, bm, k // bk, bk).any(3).any(1))
+    if o.get("overwrite") and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
     meta = export_compressed(model, out, tokenizer=tokenizer, values_dtype=torch.float16 if o.get("fp16") else None,
                              extra_metadata={"source": str(src)})
     print(f"exported {src} -> {out}: sparsity {meta['sparsity']:.4f}, {meta['file_bytes'] / 1e6:.2f} MB "
@@ -228,19 +222,32 @@ def export(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, A
     return meta
 
 
+def _load_dense(src):
+    """A transformers directory with its own head class (e.g. BertForQuestionAnswering), and its tokenizer."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    arch = (transformers.AutoConfig.from_pretrained(src).architectures or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = transformers.AutoModelForSequenceClassification
+    return cls.from_pretrained(src), tokenizer
+
+
 def predict(options: Optional[Dict[str, Any]] = None, **overrides) -> List[Dict[str, Any]]:
+    """Label each ``text`` (and each line of ``input``); with ``output_dir`` also write ``predictions.jsonl``."""
     import sys
 
     import torch
 
+    from ..cap.trainer import is_qa_model
     from ..export import load_any
 
-    from ..cap.trainer import is_qa_model
-
-    o = resolve(options, **overrides)
-    model, tokenizer = load_any(o["model"])
+    given = dict(options or {}, **overrides)
+    o = resolve(given, "predict", task=given.get("task"))  # no task: the model config's labels
+    model, tokenizer = tasks.load_checked("--model", o["model"], load_any, o["model"])
     if is_qa_model(model):
-        raise ValueError(f"--model: {o['model']!r} is a question-answering model; predict classifies sentences "
+        raise OptionError(f"--model: {o['model']!r} is a question-answering model; predict classifies sentences "
                          f"(evaluate QA models with `capsparse eval --task squad`)")
     texts = list(o.get("text") or [])
     if o.get("input"):
@@ -273,6 +280,12 @@ def predict(options: Optional[Dict[str, Any]] = None, **overrides) -> List[Dict[
                 label = id2label.get(k, id2label.get(str(k), str(k)))
                 results.append({"text": s, "label": label, "label_id": k,
                                 "probabilities": [round(float(x), 4) for x in p]})
+    run = _output_run(o, "predict")
+    if run:
+        with open(run.path / "predictions.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+        run.update_metrics(command="predict", model=o["model"], num_inputs=len(results),
+                           predictions=str(run.path / "predictions.jsonl"))
     for r in results:
         if o.get("json"):
             print(json.dumps(r))

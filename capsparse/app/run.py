@@ -1,29 +1,81 @@
-"""The run skeleton shared by finetune and prune: training arguments, console log, history and plots."""
+"""The run skeleton shared by finetune and prune: the run directory (new, replaced with --overwrite, or continued
+with --resume), training arguments, checkpoints and resume, the console log, history, plots and metrics.
+
+A run directory holds ``config.json`` (the resolved options), ``run.log``, ``checkpoints/checkpoint-N`` (with
+``--save-steps``; each made atomic by a manifest written last), then ``log_history.json``, PNG plots, the model
+files and ``metrics.json`` (written last: a run with ``metrics.json`` is finished).
+"""
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Optional
 
-from ..runlog import get_logger, process_rank, write_json
+from ..runlog import RunDir, get_logger, process_rank, read_json, write_json
+from .options import OptionError, default_output_dir
 
 log = get_logger("app")
 
+CHECKPOINTS = "checkpoints"
+#: options that may change between a run and its --resume (they do not change what is computed)
+RESUME_FREE = ("command", "resume", "overwrite", "threads", "save_steps", "output_dir", "debug", "config")
 
-def training_arguments(o: Dict[str, Any], out: Path, learning_rate: float, n_train: int, remove_unused: bool = True,
-                       eval_strategy: str = "no"):
+
+def _comparable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def start_run(o: Dict[str, Any], command: str, name: str, label: Optional[str] = None, **extra: Any) -> RunDir:
+    """The run directory of ``o`` (``o["output_dir"]``, else ``runs/<command>[-label]-<name>-<time>``): replaced
+    first with ``--overwrite``; with ``--resume`` the options must equal its ``config.json``'s. Seeds everything."""
+    out = Path(o["output_dir"] or default_output_dir(f"{command}-{label}" if label else command, name))
+    o["output_dir"] = str(out)
+    if o.get("resume"):
+        _check_resumable(out, o)
+    elif o.get("overwrite") and out.exists():
+        shutil.rmtree(out)
+    run = RunDir(out, command=command)
+    if not o.get("resume"):
+        run.write_config(o, **extra)
+    seed_everything(o["seed"])
+    return run
+
+
+def _check_resumable(out: Path, o: Dict[str, Any]) -> None:
+    if (out / "metrics.json").is_file():
+        raise OptionError(f"--resume: {out} is a finished run (it has metrics.json); pass --overwrite to run it again")
+    try:
+        before = read_json(out / "config.json").get("options", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise OptionError(f"--resume: cannot read {out / 'config.json'} ({type(exc).__name__})") from None
+    now = _comparable(o)
+    changed = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
+    if changed:
+        detail = ", ".join(f"{k} (run {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:4])
+        raise OptionError(f"--resume: the options differ from {out / 'config.json'}: {detail}; resume with the "
+                          f"run's options")
+
+
+def training_arguments(o: Dict[str, Any], out: Path, n_train: int, remove_unused: bool = True):
+    """``(TrainingArguments, total steps)`` of resolved options; checkpoints go to ``out/checkpoints``."""
     from transformers import TrainingArguments
 
     steps_per_epoch = max(1, math.ceil(n_train / o["batch_size"]))
     total = o["max_steps"] or max(1, math.ceil(steps_per_epoch * float(o["epochs"])))
     logging_steps = o.get("logging_steps") or max(1, total // 20)
     warmup = int(round((o.get("warmup_ratio") or 0.0) * total))
+    eval_strategy = "steps" if o.get("eval_during_training") else "no"
+    save = o.get("save_steps")
     kwargs = dict(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=o["batch_size"],
-        per_device_eval_batch_size=o["eval_batch_size"], learning_rate=learning_rate,
+        output_dir=str(out / CHECKPOINTS), per_device_train_batch_size=o["batch_size"],
+        per_device_eval_batch_size=o["eval_batch_size"], learning_rate=o["learning_rate"],
+        weight_decay=o.get("weight_decay") or 0.0,
         num_train_epochs=float(o["epochs"]), max_steps=o["max_steps"] or -1, warmup_steps=warmup,
-        logging_steps=logging_steps, logging_first_step=True, save_strategy="no", report_to=[], seed=o["seed"],
+        logging_steps=logging_steps, logging_first_step=True, report_to=[], seed=o["seed"],
+        save_strategy="steps" if save else "no", save_steps=save or 500, save_total_limit=2 if save else None,
         data_seed=o["seed"], disable_tqdm=False, remove_unused_columns=remove_unused, dataloader_num_workers=0,
         eval_strategy=eval_strategy, eval_steps=logging_steps if eval_strategy == "steps" else None,
     )
@@ -36,6 +88,34 @@ def training_arguments(o: Dict[str, Any], out: Path, learning_rate: float, n_tra
     return TrainingArguments(**kwargs), total
 
 
+def run_callbacks(checkpoints: bool) -> list:
+    """The console log mirror, then (last, after every other on_save) the atomic-checkpoint manifest writer."""
+    callbacks = [ConsoleLogCallback()]
+    if checkpoints:
+        from ..checkpoint import AtomicCheckpointCallback
+
+        callbacks.append(AtomicCheckpointCallback())
+    return callbacks
+
+
+def train(trainer, o: Dict[str, Any], run: RunDir):
+    """``trainer.train()``, from the newest valid checkpoint with ``--resume`` (from step 0 when there is none)."""
+    checkpoint: Optional[str] = None
+    if o.get("resume"):
+        from ..checkpoint import resolve_resume_checkpoint
+
+        checkpoint = resolve_resume_checkpoint(run.path / CHECKPOINTS, True)
+        if checkpoint is None:
+            log.warning("--resume: no complete checkpoint in %s; starting from step 0", run.path / CHECKPOINTS)
+        else:
+            log.info("--resume: continuing from %s", checkpoint)
+    out = trainer.train(resume_from_checkpoint=checkpoint)
+    ckpt_dir = run.path / CHECKPOINTS
+    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+        ckpt_dir.rmdir()
+    return out
+
+
 class ConsoleLogCallback:
     """Mirror the Trainer's log dicts into the run log (the tqdm bar shows them on the console)."""
 
@@ -44,19 +124,22 @@ class ConsoleLogCallback:
 
         class _CB(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs:
-                    log.debug("step %s: %s", state.global_step, json.dumps(
-                        {k: (round(v, 5) if isinstance(v, float) else v) for k, v in logs.items()}))
+                if logs:  # full precision: a learning rate of 3.3e-06 must not read 0.0
+                    log.debug("step %s: %s", state.global_step, json.dumps(logs, default=str))
 
         return _CB()
 
 
-def save_history(trainer, out: Path, target_sparsity=None) -> List[str]:
+def finish_run(run: RunDir, trainer, train_out, started: float, plot_target=None, **metrics: Any) -> Dict[str, Any]:
+    """History, plots and ``metrics.json`` (last) with what every training run reports."""
     from ..plots import plot_run
 
     history = list(trainer.state.log_history)
-    write_json(out / "log_history.json", history)
-    return [str(p) for p in plot_run(history, out, target_sparsity=target_sparsity)]
+    write_json(run.path / "log_history.json", history)
+    plots = [str(p) for p in plot_run(history, run.path, target_sparsity=plot_target)]
+    return run.update_metrics(**metrics, train_loss=train_out.training_loss, train_steps=trainer.state.global_step,
+                              wall_seconds=time.perf_counter() - started, cpu_seconds=time.process_time(),
+                              plots=plots)
 
 
 def other_rank_result(command: str, trainer) -> Dict[str, Any]:
@@ -70,3 +153,9 @@ def seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)
+
+
+def untimed(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """``metrics`` without wall-clock values (for files that must be byte-identical across reruns)."""
+    return {k: v for k, v in metrics.items() if k not in ("eval_seconds", "examples_per_second")}
+

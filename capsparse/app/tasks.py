@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..data.squad import is_squad_task
 from ..runlog import get_logger, write_json
-from .options import check_squad_options
+from .options import OptionError, check_squad_options
 
 log = get_logger("app")
 
@@ -40,7 +41,7 @@ def squad_split(split: str) -> str:
 
     name = _SPLIT_ALIASES.get(str(split).lower(), str(split).lower())
     if name not in SQUAD_FILES:
-        raise ValueError(f"unknown SQuAD split {split!r}; expected one of train, validation (dev)")
+        raise OptionError(f"unknown SQuAD split {split!r}; expected one of train, validation (dev)")
     return name
 
 
@@ -184,40 +185,89 @@ def evaluate_task(t, model, tokenizer, dev, o: Dict[str, Any], desc: str, out: O
     return evaluate_model(model, tokenizer, dev, t.name, o["eval_batch_size"], desc=desc)
 
 
-def load_model(t, model: str):
+def load_checked(flag: str, path, load, *args, **kwargs):
+    """``load(*args, **kwargs)``; any failure to read a model (truncated or swapped weight files, a directory from
+    another tool, a refused pickle, a layout mismatch) becomes one OptionError line naming ``flag`` and ``path``."""
+    try:
+        return load(*args, **kwargs)
+    except OptionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every loader error is a bad input here
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[0].split())[:300] if lines else ""
+        raise OptionError(f"{flag}: cannot load {str(path)!r}: {type(exc).__name__}"
+                          f"{': ' + detail if detail else ''}") from None
+
+
+def check_labels_before_loading(flag: str, path, t) -> None:
+    """A fine-tuned classifier directory whose label count does not fit the task is refused from its
+    ``config.json`` alone (no weights read)."""
+    if is_squad_task(t) or path in (None, "default") or not (Path(path) / "config.json").is_file():
+        return
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"{flag}: cannot read {Path(path) / 'config.json'} ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise OptionError(f"{flag}: {Path(path) / 'config.json'} is not a JSON object")
+    archs = config.get("architectures") or []
+    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels")
+    if any(str(a).endswith("ForSequenceClassification") for a in archs) and labels not in (None, t.num_labels):
+        raise OptionError(f"{flag}: {str(path)!r} is a classifier with {labels} labels, expected {t.num_labels} "
+                          f"for --task {t.name}")
+
+
+def load_model(t, model: str, flag: str = "--model"):
     """The student / dense model and its tokenizer: a QA model for SQuAD, a classifier for GLUE."""
     from ..models import load_default
 
+    check_labels_before_loading(flag, model, t)
     if is_squad_task(t):
-        return load_default(model=model, question_answering=True)
-    net, tokenizer = load_default(t.num_labels, model=model)
+        return load_checked(flag, model, load_default, model=model, question_answering=True)
+    net, tokenizer = load_checked(flag, model, load_default, t.num_labels, model=model)
     if t.label_names:
         net.config.id2label = dict(t.id2label)
         net.config.label2id = dict(t.label2id)
     return net, tokenizer
 
 
-def load_train_dev(t, tokenizer, o: Dict[str, Any], sources=None):
-    """``(train, dev, description)``: SQuAD gives training features and ``(dev examples, dev features)``."""
+def load_raw(t, o: Dict[str, Any]):
+    """The training and dev data before tokenisation, read first so that missing or bad data fails before any
+    model is loaded: GLUE datasets, or SQuAD ``(source, examples)`` per split."""
     if is_squad_task(t):
-        train_ex, train = load_squad_split(tokenizer, o, "train", sources["train"], o["max_train_examples"],
-                                           train=True)
-        dev_ex, dev_feats = load_squad_split(tokenizer, o, "validation", sources["validation"],
-                                             o["max_eval_examples"])
+        from ..data.squad import load_squad
+
+        check_squad_options(o)
+        raw = {}
+        for split, limit in (("train", o["max_train_examples"]), ("validation", o["max_eval_examples"])):
+            source = squad_source(o, split)
+            raw[split] = load_squad(split, path=source, squad_dir=o.get("squad_dir"), max_examples=limit,
+                                    seed=o["seed"])
+        return raw
+    from ..data import load_glue
+
+    return {split: load_glue(t.name, split, glue_dir=o["glue_dir"], max_examples=limit, seed=o["seed"])
+            for split, limit in (("train", o["max_train_examples"]), ("validation", o["max_eval_examples"]))}
+
+
+def featurize(t, tokenizer, o: Dict[str, Any], raw):
+    """``(train, dev, description)`` from :func:`load_raw`: SQuAD gives training features and
+    ``(dev examples, dev features)``."""
+    if is_squad_task(t):
+        from ..data.squad import squad_eval_features, squad_train_features
+
+        kwargs = dict(max_length=o["max_length"], doc_stride=o["doc_stride"], max_query_length=o["max_query_length"])
+        train_ex, dev_ex = raw["train"], raw["validation"]
+        train = squad_train_features(train_ex, tokenizer, **kwargs)
+        dev_feats = squad_eval_features(dev_ex, tokenizer, **kwargs)
         desc = (f"{len(train)} train features ({len(train_ex)} questions) / {len(dev_feats)} dev features "
                 f"({len(dev_ex)} questions), doc_stride {o['doc_stride']}")
         return train, (dev_ex, dev_feats), desc
-    train = load_split(t.name, tokenizer, "train", o["glue_dir"], o["max_length"], o["max_train_examples"], o["seed"])
-    dev = load_split(t.name, tokenizer, "validation", o["glue_dir"], o["max_length"], o["max_eval_examples"], o["seed"])
+    from ..data import tokenize_dataset
+
+    train, dev = (tokenize_dataset(raw[s], tokenizer, t.name, max_length=o["max_length"])
+                  for s in ("train", "validation"))
     return train, dev, f"{len(train)} train / {len(dev)} dev examples"
-
-
-def squad_sources(t, o: Dict[str, Any], splits=("train", "validation")):
-    """Locate the SQuAD files first (fails fast, before any model is loaded); ``None`` for GLUE."""
-    if not is_squad_task(t):
-        return None
-    check_squad_options(o)
-    return {squad_split(s): squad_source(o, s) for s in splits}
 
 
 def load_teacher(path, t):
@@ -225,15 +275,16 @@ def load_teacher(path, t):
     from ..export import load_any
 
     squad = is_squad_task(t)
-    teacher, _ = load_any(path, question_answering=squad)
+    check_labels_before_loading("--teacher", path, t)
+    teacher, _ = load_checked("--teacher", path, load_any, path, question_answering=squad)
     if squad:
         check_qa_checkpoint(teacher, path, "--teacher")
     elif is_qa_model(teacher):
-        raise ValueError(f"--teacher: {path!r} is a question-answering model ({type(teacher).__name__}); "
+        raise OptionError(f"--teacher: {path!r} is a question-answering model ({type(teacher).__name__}); "
                          f"expected a classifier for --task {t.name}")
     got = getattr(teacher.config, "num_labels", None)
     if not squad and got != t.num_labels:
-        raise ValueError(f"--teacher: {path!r} has {got} labels, expected {t.num_labels} for the task")
+        raise OptionError(f"--teacher: {path!r} has {got} labels, expected {t.num_labels} for the task")
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -246,11 +297,11 @@ def check_qa_checkpoint(model, path, flag: str) -> None:
     from ..export import is_compressed_dir
 
     if not is_qa_model(model):
-        raise ValueError(f"{flag}: {path!r} is a {type(model).__name__}, expected a question-answering model "
+        raise OptionError(f"{flag}: {path!r} is a {type(model).__name__}, expected a question-answering model "
                          f"(...ForQuestionAnswering) for --task squad")
     if is_compressed_dir(path):  # rebuilt from its own model class (capsparse.json), head included
         return
     archs = list(getattr(model.config, "architectures", None) or [])
     if archs and not any(a.endswith("ForQuestionAnswering") for a in archs):
-        raise ValueError(f"{flag}: {path!r} has no trained question-answering head (architectures {archs}); "
+        raise OptionError(f"{flag}: {path!r} has no trained question-answering head (architectures {archs}); "
                          f"fine-tune one first with `capsparse finetune --task squad`")
