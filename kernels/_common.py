@@ -7,6 +7,7 @@ back to them. Under ``TRITON_INTERPRET=1`` one small config is used so that CPU 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, Optional, Tuple
 
@@ -65,13 +66,26 @@ def dot_flags(dtype: torch.dtype) -> Dict[str, object]:
     """Constexpr flags that control ``tl.dot`` numerics.
 
     * ``UPCAST``: multiply in fp32. Needed for bf16 under the interpreter (its bf16 ``tl.dot`` returns
-      garbage, docs/cpu-measurements.md section 3); on GPU bf16/fp16 use tensor cores natively.
-    * ``IN_PREC``: fp32 operands use ``"ieee"`` so that fp32 results match an fp32 reference
-      (TF32 would cost about 1e-3 relative error).
+      garbage); on GPU bf16/fp16 use tensor cores natively.
+    * ``IN_PREC``: fp32 operands follow ``torch.get_float32_matmul_precision()`` as torch's own
+      matmuls do: ``"highest"`` (torch's default) -> ``"ieee"``, so fp32 matches an fp32 reference;
+      ``"high"`` / ``"medium"`` (the user allowed TF32) -> ``"tf32"`` tensor cores. The interpreter
+      always computes in fp32.
     """
     upcast = dtype == torch.bfloat16 and interpreting()
-    prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
+    if interpreting() or upcast or (dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"):
+        prec = "ieee"
+    else:
+        prec = "tf32"  # only read by tl.dot for fp32 operands; fp16/bf16 ignore it
     return {"UPCAST": upcast, "IN_PREC": prec}
+
+
+def launch_guard(t: torch.Tensor):
+    """Context for a kernel launch on ``t``'s device: Triton launches on the *current* CUDA device,
+    so on a multi-GPU machine tensors on ``cuda:1`` need ``torch.cuda.device(1)`` around the launch."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Math (design.md, "Backend primitives"), blocks of ``bm x bk``, ``R = N // bm``, 
 * dW       ``grad_w[rows(r), cols(c)] = grad_y[:, rows(r)]^T @ x[:, cols(c)]`` on kept blocks, 0 elsewhere
 
 Every kernel reads the kept blocks straight out of the dense ``W`` at block coordinates taken from
-the device-side layout metadata (``kernels/metadata.py``): no packed copy, no transposed copy, no
+the device-side layout metadata (``capsparse/layout.py``): no packed copy, no transposed copy, no
 host sync. Accumulation is fp32 for every input dtype.
 
 Fusion options (constexpr, for BERT's FFN2 whose input is ``gelu(h)``):
@@ -40,6 +40,7 @@ from ._common import (
     gelu_f32,
     gelu_grad_f32,
     get_config,
+    launch_guard,
 )
 
 __all__ = ["bsl_forward", "bsl_grad_input", "bsl_grad_weight"]
@@ -239,13 +240,14 @@ def bsl_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     cfg = get_config("fwd", max(bm, bk), x.device, density)
     block_k = min(cfg["BLOCK_K"], bk)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), R)
-    _bsl_fwd_kernel[grid](
-        x, weight, bias if bias is not None else x, y, row_ptr, row_cols,
-        T, N, K,
-        BM=bm, BK=bk, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, GELU_X=gelu_input, **dot_flags(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with launch_guard(x):
+        _bsl_fwd_kernel[grid](
+            x, weight, bias if bias is not None else x, y, row_ptr, row_cols,
+            T, N, K,
+            BM=bm, BK=bk, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=block_k,
+            HAS_BIAS=bias is not None, GELU_X=gelu_input, **dot_flags(x.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return y
 
 
@@ -278,13 +280,14 @@ def bsl_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, col_ptr: torch.Te
     cfg = get_config("dx", max(bm, bk), grad_y.device, density)
     block_n = min(cfg["BLOCK_K"], bm)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), C)
-    _bsl_dx_kernel[grid](
-        grad_y, weight, gelu_preact if gelu_preact is not None else grad_y, dx, col_ptr, col_rows,
-        T, N, K,
-        BM=bm, BK=bk, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=block_n,
-        GELU_GRAD=gelu_preact is not None, **dot_flags(grad_y.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with launch_guard(grad_y):
+        _bsl_dx_kernel[grid](
+            grad_y, weight, gelu_preact if gelu_preact is not None else grad_y, dx, col_ptr, col_rows,
+            T, N, K,
+            BM=bm, BK=bk, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=block_n,
+            GELU_GRAD=gelu_preact is not None, **dot_flags(grad_y.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return dx
 
 
@@ -338,17 +341,18 @@ def bsl_grad_weight(grad_y: torch.Tensor, x: torch.Tensor, block_rows: torch.Ten
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     args = (block_rows, block_cols, nnz, T, N, K, cap)
 
-    if splits == 1:
-        _bsl_dw_kernel[(cap, 1)](grad_y, x, grad_w, *args, MODE=0, **common)
-    elif deterministic:
-        ws = torch.empty((splits, cap, bm, bk), dtype=torch.float32, device=grad_y.device)
-        _bsl_dw_kernel[(cap, splits)](grad_y, x, ws, *args, MODE=1, **common)
-        _bsl_dw_reduce_kernel[(cap,)](ws, grad_w, block_rows, block_cols, nnz, K, cap, splits, BM=bm, BK=bk,
-                                      num_warps=4)
-    else:
-        acc = grad_w if grad_w.dtype == torch.float32 else torch.zeros((N, K), dtype=torch.float32,
-                                                                        device=grad_y.device)
-        _bsl_dw_kernel[(cap, splits)](grad_y, x, acc, *args, MODE=2, **common)
-        if acc is not grad_w:
-            grad_w.copy_(acc)
+    with launch_guard(grad_y):
+        if splits == 1:
+            _bsl_dw_kernel[(cap, 1)](grad_y, x, grad_w, *args, MODE=0, **common)
+        elif deterministic:
+            ws = torch.empty((splits, cap, bm, bk), dtype=torch.float32, device=grad_y.device)
+            _bsl_dw_kernel[(cap, splits)](grad_y, x, ws, *args, MODE=1, **common)
+            _bsl_dw_reduce_kernel[(cap,)](ws, grad_w, block_rows, block_cols, nnz, K, cap, splits, BM=bm, BK=bk,
+                                          num_warps=4)
+        else:
+            acc = grad_w if grad_w.dtype == torch.float32 else torch.zeros((N, K), dtype=torch.float32,
+                                                                            device=grad_y.device)
+            _bsl_dw_kernel[(cap, splits)](grad_y, x, acc, *args, MODE=2, **common)
+            if acc is not grad_w:
+                grad_w.copy_(acc)
     return grad_w

@@ -98,10 +98,12 @@ def test_custom_ops_pass_opcheck():
     x, w, b = torch.randn(4, 32), torch.randn(32, 32), torch.randn(32)
     gy = torch.randn(4, 32)
     ops = torch.ops.capsparse
-    torch.library.opcheck(ops.bsl_forward.default, (x, w, b, layout.row_ptr, layout.row_cols, 16, 16, "reference"))
-    torch.library.opcheck(ops.bsl_grad_input.default, (gy, w, layout.col_ptr, layout.col_rows, 16, 16, "reference"))
+    torch.library.opcheck(ops.bsl_forward.default,
+                          (x, w, b, layout.row_ptr, layout.row_cols, 16, 16, "reference", -1.0))
+    torch.library.opcheck(ops.bsl_grad_input.default,
+                          (gy, w, layout.col_ptr, layout.col_rows, 16, 16, "reference", 0.5))
     torch.library.opcheck(ops.bsl_grad_weight.default,
-                          (gy, x, layout.block_rows, layout.block_cols, layout.nnz, 16, 16, "reference"))
+                          (gy, x, layout.block_rows, layout.block_cols, layout.nnz, 16, 16, "reference", -1.0))
     torch.library.opcheck(ops.masked_linear_forward.default, (x, w, b, "reference"))
 
 

@@ -53,15 +53,17 @@ def _same_dtype_mm(a, b):
         return (a.float() @ b.float()).to(a.dtype)
 
 
-def _python_metadata(bitmap):
-    R, C = bitmap.shape
-    rows = [(r, c) for r in range(R) for c in range(C) if bitmap[r, c]]
-    cols = [(r, c) for c in range(C) for r in range(R) if bitmap[r, c]]
-    pad = [0] * (R * C - len(rows))
-    row_ptr = [0] + [sum(1 for r2, _ in rows if r2 <= r) for r in range(R)]
-    col_ptr = [0] + [sum(1 for _, c2 in cols if c2 <= c) for c in range(C)]
-    return dict(row_ptr=row_ptr, row_cols=[c for _, c in rows] + pad, col_ptr=col_ptr,
-                col_rows=[r for r, _ in cols] + pad, block_rows=[r for r, _ in rows] + pad, nnz=len(rows))
+class _Meta:
+    """Layout metadata from capsparse.layout (the builder the layers use), as attributes."""
+
+    @staticmethod
+    def build_block_metadata(bitmap):
+        from types import SimpleNamespace
+
+        from capsparse.layout import build_block_metadata
+
+        meta = build_block_metadata(bitmap)
+        return SimpleNamespace(block_cols=meta["row_cols"], **meta)
 
 
 def _bitmap(R, C, density, seed, empty_row=False, empty_col=False):
@@ -135,58 +137,6 @@ def test_backend_matches_reference_backend():
 
 
 # ---------------------------------------------------------------------------------------------
-# metadata
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape,density,seed", [((3, 5), 0.5, 0), ((4, 4), 0.0, 1), ((4, 4), 1.0, 2),
-                                                ((7, 3), 0.3, 3), ((1, 1), 1.0, 4), ((1, 6), 0.5, 5),
-                                                ((12, 48), 0.1, 6)])
-def test_block_metadata_matches_python(shape, density, seed):
-    md = _kernels("metadata")
-    bitmap = _bitmap(*shape, density, seed)
-    want = _python_metadata(bitmap)
-    outs = [md.build_block_metadata(bitmap.to(DEVICE)), md.build_block_metadata_torch(bitmap.to(DEVICE))]
-    # preallocated buffers are overwritten in place (stale values must not leak into the padding)
-    R, C = shape
-    stale = md.BlockMetadata(*(torch.full((n,), 7, dtype=torch.int32, device=DEVICE)
-                               for n in (R + 1, R * C, C + 1, R * C, R * C)),
-                             torch.zeros((), dtype=torch.int64, device=DEVICE))
-    outs.append(md.build_block_metadata(bitmap.to(DEVICE), out=stale))
-    for got in outs:
-        for field in ("row_ptr", "row_cols", "col_ptr", "col_rows", "block_rows"):
-            t = getattr(got, field)
-            assert t.dtype == torch.int32 and t.tolist() == want[field], field
-        assert got.nnz.dtype == torch.int64 and got.nnz.dim() == 0 and got.nnz.item() == want["nnz"]
-        assert got.block_cols is got.row_cols
-
-
-def test_block_metadata_matches_layout():
-    from capsparse.layout import BlockLayout
-
-    md = _kernels("metadata")
-    bitmap = _bitmap(6, 4, 0.4, seed=11, empty_col=True)
-    layout = BlockLayout.from_bitmap(bitmap.to(DEVICE), (6 * 32, 4 * 32), (32, 32))
-    got = md.build_block_metadata(bitmap.to(DEVICE))
-    for field in ("row_ptr", "row_cols", "col_ptr", "col_rows", "block_rows", "nnz"):
-        assert getattr(got, field).tolist() == getattr(layout, field).tolist(), field
-
-
-def test_topk_threshold_and_mask():
-    md = _kernels("metadata")
-    scores = torch.randn(12, 10)
-    for k in (0, 1, 37, 120):
-        mask = md.topk_mask(scores, k)
-        assert mask.sum().item() == k
-        thr = md.topk_threshold(scores, k)
-        assert torch.equal(scores >= thr, mask)  # no ties in random normals
-        if 0 < k < 120:
-            assert scores[mask].min() > scores[~mask].max()
-    with pytest.raises(ValueError, match="k"):
-        md.topk_mask(scores, 121)
-
-
-# ---------------------------------------------------------------------------------------------
 # block-sparse linear
 # ---------------------------------------------------------------------------------------------
 
@@ -215,7 +165,7 @@ def _bsl_refs(x, w, bias, dy, bitmap, bm, bk, dtype, gelu_input=False):
 
 def _run_bsl(T, N, K, bm, bk, density, dtype, seed=0, empty_row=False, empty_col=False, deterministic=True,
              tokens_per_split=None, with_bias=True):
-    bs, md = _kernels("block_sparse"), _kernels("metadata")
+    bs, md = _kernels("block_sparse"), _Meta
     g = torch.Generator().manual_seed(seed)
     bitmap = _bitmap(N // bm, K // bk, density, seed, empty_row, empty_col)
     meta = md.build_block_metadata(bitmap.to(DEVICE))
@@ -267,7 +217,7 @@ def test_block_sparse_dw_split_k(deterministic):
     got = _run_bsl(100, 64, 96, 32, 32, 0.5, torch.float32, seed=9, deterministic=deterministic,
                    tokens_per_split=32, with_bias=False)
     if deterministic:
-        bs, md = _kernels("block_sparse"), _kernels("metadata")
+        bs, md = _kernels("block_sparse"), _Meta
         g = torch.Generator().manual_seed(9)
         bitmap = _bitmap(2, 3, 0.5, 9)
         meta = md.build_block_metadata(bitmap.to(DEVICE))
@@ -279,7 +229,7 @@ def test_block_sparse_dw_split_k(deterministic):
 
 
 def test_block_sparse_capacity_smaller_than_grid():
-    bs, md = _kernels("block_sparse"), _kernels("metadata")
+    bs, md = _kernels("block_sparse"), _Meta
     bitmap = torch.zeros(4, 3, dtype=torch.bool)
     bitmap[1, 2] = bitmap[3, 0] = True
     meta = md.build_block_metadata(bitmap.to(DEVICE))
@@ -291,7 +241,7 @@ def test_block_sparse_capacity_smaller_than_grid():
 
 
 def test_block_sparse_gelu_fusion():
-    bs, md = _kernels("block_sparse"), _kernels("metadata")
+    bs, md = _kernels("block_sparse"), _Meta
     T, N, K, b = 37, 64, 96, 32
     g = torch.Generator().manual_seed(13)
     bitmap = _bitmap(N // b, K // b, 0.6, 13)
@@ -316,7 +266,7 @@ def test_block_sparse_gelu_fusion():
 
 
 def test_block_sparse_launcher_errors():
-    bs, md = _kernels("block_sparse"), _kernels("metadata")
+    bs, md = _kernels("block_sparse"), _Meta
     meta = md.build_block_metadata(torch.ones(2, 3, dtype=torch.bool, device=DEVICE))
     x, w = torch.randn(5, 96, device=DEVICE), torch.randn(64, 96, device=DEVICE)
     with pytest.raises(ValueError, match="bm: expected a block size in"):
@@ -339,86 +289,6 @@ def test_block_sparse_launcher_errors():
                            meta.nnz.int(), 32, 32)
     with pytest.raises(TypeError, match="x: expected dtype in"):
         bs.bsl_forward(x.double(), w.double(), None, meta.row_ptr, meta.row_cols, 32, 32)
-
-
-# ---------------------------------------------------------------------------------------------
-# masked GEMM
-# ---------------------------------------------------------------------------------------------
-
-
-def test_pack_mask_bit_layout():
-    mm = _kernels("masked_matmul")
-    mask = torch.zeros(2, 10, dtype=torch.bool)
-    mask[0, 0] = mask[0, 9] = True  # word 0 bit 0, word 1 bit 1
-    mask[1, 7] = True  # word 0 bit 7
-    assert mm.pack_mask(mask).tolist() == [[1, 2], [128, 0]]
-    assert mm.pack_mask(mask, torch.int32).tolist() == [[1 | (1 << 9)], [128]]
-    full = torch.ones(1, 32, dtype=torch.bool)
-    assert mm.pack_mask(full, torch.int32).tolist() == [[-1]]  # bit 31 is the sign bit
-    rnd = torch.rand(5, 45) < 0.4
-    for dt in (torch.uint8, torch.int32):
-        assert torch.equal(mm.unpack_mask(mm.pack_mask(rnd, dt), 45), rnd)
-
-
-@pytest.mark.parametrize("word_dtype", [torch.uint8, torch.int32])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
-def test_masked_matmul_matches_reference(density, dtype, word_dtype):
-    mm = _kernels("masked_matmul")
-    T, N, K = 37, 45, 70  # ragged against every tile size
-    g = torch.Generator().manual_seed(int(density * 10))
-    mask = torch.rand(N, K, generator=g) < density
-    bits = mm.pack_mask(mask, word_dtype).to(DEVICE)
-    x = torch.randn(T, K, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g).to(dtype)
-    bias = torch.randn(N, generator=g).to(dtype)
-    dy = torch.randn(T, N, generator=g).to(dtype)
-    wm64 = w.double() * mask
-    wm = w * mask.to(dtype)
-    y = mm.masked_matmul_forward(x.to(DEVICE), w.to(DEVICE), bits, bias.to(DEVICE))
-    dx = mm.masked_matmul_grad_input(dy.to(DEVICE), w.to(DEVICE), bits)
-    dw = mm.masked_matmul_grad_weight(dy.to(DEVICE), x.to(DEVICE), bits)
-    assert_close_to_ref(y, _same_dtype_mm(x, wm.t()) + bias, x.double() @ wm64.t() + bias.double(), dtype, "y")
-    assert_close_to_ref(dx, _same_dtype_mm(dy, wm), dy.double() @ wm64, dtype, "dx")
-    assert_close_to_ref(dw, _same_dtype_mm(dy.t(), x) * mask.to(dtype), (dy.double().t() @ x.double()) * mask,
-                        dtype, "dw")
-    assert (dw.cpu()[~mask] == 0).all()
-
-
-def test_masked_matmul_errors():
-    mm = _kernels("masked_matmul")
-    x, w = torch.randn(4, 20, device=DEVICE), torch.randn(6, 20, device=DEVICE)
-    with pytest.raises(ValueError, match=r"bits: expected shape \(6, 3\)"):
-        mm.masked_matmul_forward(x, w, torch.zeros(6, 2, dtype=torch.uint8, device=DEVICE))
-    with pytest.raises(TypeError, match="bits: expected dtype in"):
-        mm.masked_matmul_forward(x, w, torch.zeros(6, 3, dtype=torch.int64, device=DEVICE))
-
-
-# ---------------------------------------------------------------------------------------------
-# dispatch
-# ---------------------------------------------------------------------------------------------
-
-
-def test_dispatch_dense_fallback_and_sparse_path():
-    dp, md = _kernels("dispatch"), _kernels("metadata")
-    assert dp.CROSSOVER_STATUS[64] == "unmeasured"
-    assert not dp.use_block_sparse(0.9, 64, 64) and dp.use_block_sparse(0.1, 64, 64)
-    assert dp.use_block_sparse(0.5, 64, 64) and not dp.use_block_sparse(0.5, 32, 32)
-    bitmap = _bitmap(2, 3, 0.5, 21)
-    meta = md.build_block_metadata(bitmap.to(DEVICE))
-    x, w, b = torch.randn(37, 96), torch.randn(64, 96), torch.randn(64)
-    dy = torch.randn(37, 64)
-    M = bitmap.repeat_interleave(32, 0).repeat_interleave(32, 1).float()
-    bm_dev = bitmap.to(DEVICE)
-    for density in (0.9, 0.1):  # dense path, then Triton path; both must agree with the reference
-        y = dp.dispatch_forward(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), bm_dev, meta.row_ptr, meta.row_cols,
-                                32, 32, density)
-        dx = dp.dispatch_grad_input(dy.to(DEVICE), w.to(DEVICE), bm_dev, meta.col_ptr, meta.col_rows, 32, 32, density)
-        dw = dp.dispatch_grad_weight(dy.to(DEVICE), x.to(DEVICE), bm_dev, meta.block_rows, meta.block_cols, meta.nnz,
-                                     32, 32, density)
-        torch.testing.assert_close(y.cpu(), x @ (w * M).t() + b, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(dx.cpu(), dy @ (w * M), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(dw.cpu(), (dy.t() @ x) * M, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,34 +371,6 @@ def test_cap_contrastive_primitive(norm, dtype):
     assert (grad_u[0] == 0).all()  # row 0 has no unsupervised positive: it contributes nothing
 
 
-@pytest.mark.parametrize("norm", ["official", "supcon"])
-def test_cap_contrastive_autograd_q_k_temperature(norm):
-    cc = _kernels("contrastive")
-    q, k, qid, kid, qlab, klab, excl = _cap_inputs(19, 33, 24, seed=2)
-    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
-    t64 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    lu, ls = _cap_ref(q64, k64, qid, kid, qlab, klab, excl, t64, norm)
-    (0.3 * lu + 2.0 * ls).backward()
-    qg, kg = q.to(DEVICE).clone().requires_grad_(), k.to(DEVICE).clone().requires_grad_()
-    tg = torch.tensor(0.1, device=DEVICE, requires_grad=True)
-    dev = [t.to(DEVICE) for t in (qid, kid, qlab, klab, excl)]
-    loss_u, loss_s = cc.cap_contrastive_loss(qg, kg, *dev, temperature=tg, normalization=norm)
-    (0.3 * loss_u + 2.0 * loss_s).backward()
-    assert abs(loss_u.item() - lu.item()) <= 1e-5 * abs(lu.item())
-    assert _cos(qg.grad, q64.grad) >= 0.999999 and _cos(kg.grad, k64.grad) >= 0.999999
-    assert abs(tg.grad.item() - t64.grad.item()) <= 1e-4 * abs(t64.grad.item())
-    # without labels: loss_s is None and only q gets a gradient
-    q2 = q.to(DEVICE).clone().requires_grad_()
-    lu2, ls2 = cc.cap_contrastive_loss(q2, k.to(DEVICE), dev[0], dev[1], exclude_index=dev[4], temperature=0.1,
-                                       normalization=norm)
-    assert ls2 is None
-    lu2.backward()
-    q64b = q.double().requires_grad_()
-    ref_u, _ = _cap_ref(q64b, k.double(), qid, kid, None, None, excl, 0.1, norm)
-    ref_u.backward()
-    assert _cos(q2.grad, q64b.grad) >= 0.999999
-
-
 def test_cap_contrastive_degenerate_rows():
     cc = _kernels("contrastive")
     # no positive anywhere -> both losses 0 and zero gradients, no NaN
@@ -566,48 +408,6 @@ def test_cap_contrastive_errors():
         cc.cap_contrastive(q, k, ids_q, ids_k, None, None, excl, 0.0, "official")
 
 
-def test_clip_loss_matches_cross_entropy():
-    cc = _kernels("contrastive")
-    g = torch.Generator().manual_seed(4)
-    a = torch.nn.functional.normalize(torch.randn(23, 20, generator=g), dim=1)
-    b = torch.nn.functional.normalize(torch.randn(23, 20, generator=g), dim=1)
-    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
-    logits = a64 @ b64.t() / 0.07
-    target = torch.arange(23)
-    ce = torch.nn.functional.cross_entropy
-    ref = 0.5 * (ce(logits, target) + ce(logits.t(), target))
-    ref.backward()
-    ag, bg = a.to(DEVICE).requires_grad_(), b.to(DEVICE).requires_grad_()
-    loss = cc.clip_loss(ag, bg, temperature=0.07)
-    loss.backward()
-    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
-    assert _cos(ag.grad, a64.grad) >= 0.999999 and _cos(bg.grad, b64.grad) >= 0.999999
-
-
-def test_supcon_loss_matches_textbook():
-    cc = _kernels("contrastive")
-    g = torch.Generator().manual_seed(6)
-    f = torch.nn.functional.normalize(torch.randn(18, 12, generator=g), dim=1)
-    labels = torch.randint(0, 4, (18,), generator=g)
-    labels[0] = 50  # an anchor without positives is left out of the mean
-    f64 = f.double().requires_grad_()
-    sim = f64 @ f64.t() / 0.1
-    terms = []
-    for i in range(18):
-        others = [j for j in range(18) if j != i]
-        pos = [j for j in others if labels[j] == labels[i]]
-        if pos:
-            lse = torch.logsumexp(sim[i, others], 0)
-            terms.append(-torch.stack([sim[i, p] - lse for p in pos]).mean())
-    ref = torch.stack(terms).mean()
-    ref.backward()
-    fg = f.to(DEVICE).requires_grad_()
-    loss = cc.supcon_loss(fg, labels.to(DEVICE), temperature=0.1)
-    loss.backward()
-    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
-    assert _cos(fg.grad, f64.grad) >= 0.999999
-
-
 # ---------------------------------------------------------------------------------------------
 # GPU-only: native bf16 tensor-core dots and realistic shapes
 # ---------------------------------------------------------------------------------------------
@@ -618,18 +418,6 @@ def test_supcon_loss_matches_textbook():
 def test_gpu_block_sparse_ffn_shape(dtype):
     _run_bsl(4096 + 37, 3072, 768, 64, 64, 0.1, dtype, seed=31)
     _run_bsl(2048, 768, 3072, 32, 32, 0.03, dtype, seed=32)
-
-
-@gpu_only
-def test_gpu_masked_matmul_bf16():
-    mm = _kernels("masked_matmul")
-    mask = torch.rand(768, 3072, device="cuda") < 0.1
-    bits = mm.pack_mask(mask)
-    x = torch.randn(1000, 3072, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(768, 3072, device="cuda", dtype=torch.bfloat16)
-    y = mm.masked_matmul_forward(x, w, bits)
-    wm = w * mask.to(w.dtype)
-    assert_close_to_ref(y, x @ wm.t(), x.double() @ wm.double().t(), torch.bfloat16, "y")
 
 
 @gpu_only
@@ -649,3 +437,60 @@ def test_gpu_contrastive_bf16_large():
     for i in (0, 1):  # loss relative error <= 1e-3 (goal C6)
         assert abs(got[i].item() - want[i].item()) <= 1e-3 * abs(want[i].item())
     assert _cos(got[2], want[2]) >= 0.9999 and _cos(got[3], want[3]) >= 0.9999
+
+
+# ---------------------------------------------------------------------------------------------
+# launch guard and dot precision (host-side logic, checked on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_launch_guard_uses_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launcher enters ``torch.cuda.device(t.device)``."""
+    from types import SimpleNamespace
+
+    common = _kernels("_common")
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with common.launch_guard(SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with common.launch_guard(torch.zeros(1)):  # CPU tensors (interpreter): nothing to guard
+        pass
+    assert len(entered) == 1
+
+    # each launcher goes through the guard with its input's device
+    seen = []
+    real = common.launch_guard
+    for name in ("block_sparse", "contrastive"):
+        monkeypatch.setattr(_kernels(name), "launch_guard", lambda t, _r=real: seen.append(t.device) or _r(t))
+    bs, meta = _kernels("block_sparse"), _Meta.build_block_metadata(torch.ones(2, 2, dtype=torch.bool, device=DEVICE))
+    x, w, dy = (torch.randn(5, 64, device=DEVICE), torch.randn(64, 64, device=DEVICE),
+                torch.randn(5, 64, device=DEVICE))
+    bs.bsl_forward(x, w, None, meta.row_ptr, meta.row_cols, 32, 32)
+    bs.bsl_grad_input(dy, w, meta.col_ptr, meta.col_rows, 32, 32)
+    bs.bsl_grad_weight(dy, x, meta.block_rows, meta.block_cols, meta.nnz, 32, 32)
+    q, k, qid, kid, qlab, klab, excl = (t.to(DEVICE) for t in _cap_inputs(4, 6, 16, seed=0))
+    _kernels("contrastive").cap_contrastive(q, k, qid, kid, qlab, klab, excl, 0.1, "official")
+    assert seen == [x.device] * 5  # fwd, dx, dw, contrastive stats, contrastive dq
+
+
+def test_fp32_dot_precision_follows_torch(monkeypatch):
+    common = _kernels("_common")
+    monkeypatch.setattr(common, "interpreting", lambda: False)  # the GPU rule
+    for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda s=setting: s)
+        assert common.dot_flags(torch.float32) == {"UPCAST": False, "IN_PREC": want}, setting
+    monkeypatch.setattr(common, "interpreting", lambda: True)  # the interpreter always computes in fp32
+    assert common.dot_flags(torch.float32)["IN_PREC"] == "ieee"
+    assert common.dot_flags(torch.bfloat16) == {"UPCAST": True, "IN_PREC": "ieee"}

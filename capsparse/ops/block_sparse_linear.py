@@ -4,6 +4,10 @@ Chain: backend primitive (``capsparse.backends.<name>.bsl_*``) -> ``torch.librar
 ``capsparse::bsl_forward / bsl_grad_input / bsl_grad_weight`` (with fake implementations, so
 ``torch.compile`` traces them) -> :class:`BlockSparseLinearFunction` -> :func:`block_sparse_linear`.
 :func:`block_sparse_linear_reference` is the plain PyTorch oracle.
+
+``density`` is an optional host-side hint (kept fraction, e.g. the pruning schedule's target) that
+reaches the backends declaring ``DENSITY_HINT = True`` (the ``triton`` backend uses it to run dense
+cuBLAS below its crossover sparsity); ``-1.0`` in the custom ops means unknown. It never syncs.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 
 from ..backends.registry import get_backend, resolve_backend
 from ..layout import BlockLayout, check_weight
+from ._autocast import autocast_dtype, autocast_off, cast
 from ._checks import check_linear_inputs
 
 
@@ -22,36 +27,42 @@ def block_sparse_linear_reference(x, weight, layout: BlockLayout, bias=None):
     return F.linear(x, weight * layout.to_dense_mask().to(weight.dtype), bias)
 
 
+def _call(backend: str, primitive: str, args, density: float):
+    module = get_backend(backend)
+    hint = {"density": density if density >= 0 else None} if getattr(module, "DENSITY_HINT", False) else {}
+    return getattr(module, primitive)(*args, **hint)
+
+
 @torch.library.custom_op("capsparse::bsl_forward", mutates_args=())
 def _bsl_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], row_ptr: torch.Tensor,
-                 row_cols: torch.Tensor, bm: int, bk: int, backend: str) -> torch.Tensor:
-    return get_backend(backend).bsl_forward(x, weight, bias, row_ptr, row_cols, bm, bk)
+                 row_cols: torch.Tensor, bm: int, bk: int, backend: str, density: float) -> torch.Tensor:
+    return _call(backend, "bsl_forward", (x, weight, bias, row_ptr, row_cols, bm, bk), density)
 
 
 @_bsl_forward.register_fake
-def _(x, weight, bias, row_ptr, row_cols, bm, bk, backend):
+def _(x, weight, bias, row_ptr, row_cols, bm, bk, backend, density):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("capsparse::bsl_grad_input", mutates_args=())
 def _bsl_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, col_ptr: torch.Tensor, col_rows: torch.Tensor,
-                    bm: int, bk: int, backend: str) -> torch.Tensor:
-    return get_backend(backend).bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm, bk)
+                    bm: int, bk: int, backend: str, density: float) -> torch.Tensor:
+    return _call(backend, "bsl_grad_input", (grad_y, weight, col_ptr, col_rows, bm, bk), density)
 
 
 @_bsl_grad_input.register_fake
-def _(grad_y, weight, col_ptr, col_rows, bm, bk, backend):
+def _(grad_y, weight, col_ptr, col_rows, bm, bk, backend, density):
     return grad_y.new_empty(grad_y.shape[0], weight.shape[1])
 
 
 @torch.library.custom_op("capsparse::bsl_grad_weight", mutates_args=())
 def _bsl_grad_weight(grad_y: torch.Tensor, x: torch.Tensor, block_rows: torch.Tensor, block_cols: torch.Tensor,
-                     nnz: torch.Tensor, bm: int, bk: int, backend: str) -> torch.Tensor:
-    return get_backend(backend).bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm, bk)
+                     nnz: torch.Tensor, bm: int, bk: int, backend: str, density: float) -> torch.Tensor:
+    return _call(backend, "bsl_grad_weight", (grad_y, x, block_rows, block_cols, nnz, bm, bk), density)
 
 
 @_bsl_grad_weight.register_fake
-def _(grad_y, x, block_rows, block_cols, nnz, bm, bk, backend):
+def _(grad_y, x, block_rows, block_cols, nnz, bm, bk, backend, density):
     return x.new_empty(grad_y.shape[1], x.shape[1])
 
 
@@ -59,30 +70,32 @@ class BlockSparseLinearFunction(torch.autograd.Function):
     """Autograd for the block-sparse product on 2-D inputs; the backend is fixed before ``apply``."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, layout: BlockLayout, backend: str):
+    def forward(ctx, x2d, weight, bias, layout: BlockLayout, backend: str, density: float):
         bm, bk = layout.block_size
         ctx.save_for_backward(x2d, weight)
-        ctx.layout, ctx.backend, ctx.has_bias = layout, backend, bias is not None
-        return _bsl_forward(x2d, weight, bias, layout.row_ptr, layout.row_cols, bm, bk, backend)
+        ctx.layout, ctx.backend, ctx.has_bias, ctx.density = layout, backend, bias is not None, density
+        return _bsl_forward(x2d, weight, bias, layout.row_ptr, layout.row_cols, bm, bk, backend, density)
 
     @staticmethod
     def backward(ctx, grad_y):
         x2d, weight = ctx.saved_tensors
-        layout, backend = ctx.layout, ctx.backend
+        layout, backend, density = ctx.layout, ctx.backend, ctx.density
         bm, bk = layout.block_size
         grad_y = grad_y.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _bsl_grad_input(grad_y, weight, layout.col_ptr, layout.col_rows, bm, bk, backend)
+            grad_x = _bsl_grad_input(grad_y, weight, layout.col_ptr, layout.col_rows, bm, bk, backend, density)
         if ctx.needs_input_grad[1]:
-            grad_w = _bsl_grad_weight(grad_y, x2d, layout.block_rows, layout.block_cols, layout.nnz, bm, bk, backend)
+            grad_w = _bsl_grad_weight(grad_y, x2d, layout.block_rows, layout.block_cols, layout.nnz, bm, bk,
+                                      backend, density)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout,
-                        bias: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+                        bias: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                        density: Optional[float] = None) -> torch.Tensor:
     """Block-sparse ``nn.functional.linear``.
 
     Args:
@@ -92,21 +105,30 @@ def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayo
         bias: optional ``(out_features,)``.
         backend: force ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"`` (else
             ``CAPSPARSE_BACKEND`` or the device default).
+        density: optional host-side kept fraction of ``layout`` (a hint: it picks dense or sparse
+            kernels and launch configs, never the result).
 
     Returns:
-        ``(..., out_features)``. The weight gradient is zero outside the kept blocks.
+        ``(..., out_features)``. The weight gradient is zero outside the kept blocks. Under
+        ``torch.autocast`` the inputs are cast to the autocast dtype first (as ``F.linear`` does).
     """
+    amp = autocast_dtype(x.device)
+    x, weight, bias = cast(x, amp), cast(weight, amp), cast(bias, amp)
     check_linear_inputs(x, weight, bias)
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a capsparse.layout.BlockLayout, got {type(layout).__name__}")
     check_weight(weight, layout.shape)
     if layout.device != weight.device:
         raise ValueError(f"layout: expected device {weight.device} (the weight's), got {layout.device}")
+    if density is not None and not 0.0 <= density <= 1.0:
+        raise ValueError(f"density: expected a kept fraction in [0, 1] or None, got {density!r}")
     name = resolve_backend(x.device, backend, op="block_sparse_linear")
-    if name == "reference" and backend is None:
-        # the reference op has exact autograd without the custom-op round trip
-        return block_sparse_linear_reference(x, weight, layout, bias)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
-    y = BlockSparseLinearFunction.apply(x2d, weight.contiguous(), bias, layout, name)
+    with autocast_off(x.device):
+        if name == "reference" and backend is None:
+            # the reference op has exact autograd without the custom-op round trip
+            return block_sparse_linear_reference(x, weight, layout, bias)
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        hint = -1.0 if density is None else float(density)
+        y = BlockSparseLinearFunction.apply(x2d, weight.contiguous(), bias, layout, name, hint)
     return y.reshape(*lead, weight.shape[0])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..backends import reference as _reference
 from ..backends.registry import get_backend, resolve_backend
+from ._autocast import autocast_off
 from ._checks import check_tensor
 
 NORMALIZATIONS = ("official", "supcon")
@@ -137,19 +138,21 @@ def cap_contrastive_loss(query: torch.Tensor, keys: torch.Tensor, query_ids: tor
             (its own detached copy), ``-1`` for none.
 
     Both inputs are L2-normalised inside. The second loss is ``None`` without labels. When
-    ``keys`` requires grad the reference path runs (the fused paths treat keys as constants).
+    ``keys`` requires grad the reference path runs (the fused paths treat keys as constants). The
+    loss is computed in fp32 (fp64 for fp64 queries) whatever the input dtypes, also under autocast.
     """
     _validate(query, keys, query_ids, key_ids, query_labels, key_labels, temperature, normalization, exclude_index)
     if exclude_index is None:
         exclude_index = torch.full((query.shape[0],), -1, dtype=torch.int64, device=query.device)
     name = resolve_backend(query.device, backend, op="cap_contrastive_loss")
-    if keys.requires_grad or (name == "reference" and backend is None):
-        return cap_contrastive_loss_reference(query, keys, query_ids, key_ids, query_labels, key_labels,
-                                              temperature, normalization, exclude_index)
-    dt = _compute_dtype(query)
-    q = F.normalize(query.to(dt), dim=1)
-    k = F.normalize(keys.detach().to(dt), dim=1).contiguous()
-    labels = (None, None) if query_labels is None else (query_labels.long(), key_labels.long())
-    loss_u, loss_s = CAPContrastiveFunction.apply(q.contiguous(), k, query_ids.long(), key_ids.long(), *labels,
-                                                  exclude_index.long(), float(temperature), normalization, name)
+    with autocast_off(query.device):
+        if keys.requires_grad or (name == "reference" and backend is None):
+            return cap_contrastive_loss_reference(query, keys, query_ids, key_ids, query_labels, key_labels,
+                                                  temperature, normalization, exclude_index)
+        dt = _compute_dtype(query)
+        q = F.normalize(query.to(dt), dim=1)
+        k = F.normalize(keys.detach().to(dt), dim=1).contiguous()
+        labels = (None, None) if query_labels is None else (query_labels.long(), key_labels.long())
+        loss_u, loss_s = CAPContrastiveFunction.apply(q.contiguous(), k, query_ids.long(), key_ids.long(), *labels,
+                                                      exclude_index.long(), float(temperature), normalization, name)
     return loss_u, (loss_s if query_labels is not None else None)

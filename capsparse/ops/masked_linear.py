@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends.registry import get_backend, resolve_backend
+from ._autocast import autocast_dtype, autocast_off, cast
 from ._checks import check_linear_inputs
 
 
@@ -73,15 +74,20 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
         bias: optional ``(out_features,)``.
         backend: force a backend (see :func:`capsparse.backends.resolve_backend`).
         masked_weight: ``weight * mask`` if the caller already holds it (a cache), else it is formed here.
+
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first (as ``F.linear`` does).
     """
+    amp = autocast_dtype(x.device)
+    x, weight, bias, masked_weight = cast(x, amp), cast(weight, amp), cast(bias, amp), cast(masked_weight, amp)
     check_linear_inputs(x, weight, bias)
     check_mask(mask, weight)
     name = resolve_backend(x.device, backend, op="masked_linear")
-    if name == "reference" and backend is None:
-        return masked_linear_reference(x, weight, mask, bias)
-    if masked_weight is None:
-        masked_weight = weight.detach() * mask
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    y = MaskedLinearFunction.apply(x2d, weight, masked_weight, mask, bias, name)
+    with autocast_off(x.device):
+        if name == "reference" and backend is None:
+            return masked_linear_reference(x, weight, mask, bias)
+        if masked_weight is None:
+            masked_weight = weight.detach() * mask
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        y = MaskedLinearFunction.apply(x2d, weight, masked_weight, mask, bias, name)
     return y.reshape(*lead, weight.shape[0])
