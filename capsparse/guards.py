@@ -9,12 +9,13 @@ Two policies:
 
 Non-finite *parameters* (weights or scores after an update) cannot be skipped: they always raise.
 
-Mixed precision: with fp16 autocast and a ``GradScaler`` (Trainer ``fp16=True``), inf/NaN gradients are the
-scaler's normal overflow signal: the scaler skips ``optimizer.step`` and halves the scale. Pass
-``amp_scaler=True`` (the callback does this when ``args.fp16``): a non-finite gradient is then only counted
-(``overflow_steps``) and left to the scaler, unless the scale has fallen below ``min_scale`` (persistent
-overflow: a real divergence), where the policy applies. bf16 has no scaler: non-finite values are real and
-the policy applies. Non-finite losses are always real (the scaler never produces them).
+Mixed precision: with fp16 autocast and a ``GradScaler`` (Trainer ``fp16=True`` on a GPU), inf/NaN gradients are
+the scaler's normal overflow signal: the scaler skips ``optimizer.step`` and halves the scale. Pass
+``amp_scaler=True``: a non-finite gradient is then only counted (``overflow_steps``) and left to the scaler, unless
+the scale has fallen below ``min_scale`` (persistent overflow: a real divergence), where the policy applies. The
+callback does this only when the optimizer really holds an enabled scaler (never because ``args.fp16`` says so).
+bf16 and fp32 have no scaler: non-finite values are real and the policy applies. Non-finite losses are always
+real (the scaler never produces them).
 
 Checks cost one host sync per call (all tensors reduced to one flag); names are looked up only on failure.
 """
@@ -213,6 +214,12 @@ class NanGuard:
         check_values(model, step, what="parameter")
 
 
+def active_scaler(optimizer):
+    """The enabled ``GradScaler`` an (accelerate-wrapped) optimizer steps through, else ``None``."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 def _make_callback_class():
     from transformers import TrainerCallback
 
@@ -221,22 +228,23 @@ def _make_callback_class():
         ``optimizer.step()``); ``"skip"`` drops them so the step changes nothing. Scores (and with
         ``check_parameters`` every parameter) are checked in ``on_step_end``, and always raise.
 
-        With ``args.fp16`` the guard runs in GradScaler mode (see the module docstring). Steps are reported
-        as ``state.global_step + 1`` (the step being taken), the Trainer's numbering.
+        The guard runs in GradScaler mode (see the module docstring) only while the optimizer holds an enabled
+        ``GradScaler`` (accelerate's optimizer wrapper carries it as ``.scaler``). Steps are reported as
+        ``state.global_step + 1`` (the step being taken), the Trainer's numbering.
         """
 
         def __init__(self, policy: str = "skip", max_consecutive_skips: Optional[int] = 20,
                      check_parameters: bool = False, score_pattern: str = r"score", min_scale: float = 2.0 ** -14):
             self.guard = NanGuard(policy, max_consecutive_skips, score_pattern=score_pattern, min_scale=min_scale)
             self.check_params = check_parameters
-            self.scaler = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.guard.amp_scaler = bool(getattr(args, "fp16", False))
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-            if model is not None:
-                self.guard.check_gradients(model, state.global_step + 1, optimizer)
+            if model is None:
+                return
+            scaler = active_scaler(optimizer)
+            self.guard.amp_scaler = scaler is not None
+            self.guard.check_gradients(model, state.global_step + 1, optimizer,
+                                       scaler_scale=None if scaler is None else scaler.get_scale)
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if model is None:

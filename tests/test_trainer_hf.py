@@ -46,3 +46,90 @@ def test_save_model_round_trips_the_pruned_model(tmp_path):
         name, layer = sparse_layers(model)[0]
         saved = f.get_tensor(f"{name}.weight")
     assert torch.equal(saved, layer.weight.detach()) and (saved[~layer.element_mask()] != 0).any()
+
+
+# -- mixed precision ----------------------------------------------------------------------------------------
+
+def test_bf16_on_the_cpu_trains_through_the_sparse_layers(tmp_path):
+    model = tiny_bert()
+    trainer = CAPTrainer(model, tiny_args(tmp_path, bf16=True, max_steps=6), tiny_cap_config(target_sparsity=0.5),
+                         tiny_dataset(32), teacher=tiny_bert(seed=1))
+    dtypes = []
+    layer = sparse_layers(model)[0][1]
+    layer.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) if m.training else None)
+    trainer.train()
+    assert torch.bfloat16 in dtypes                      # the training forwards ran under bf16 autocast
+    assert layer.weight.dtype == torch.float32            # master weights stay fp32
+    logs = [l for l in trainer.state.log_history if "loss" in l]
+    assert logs and all(torch.isfinite(torch.tensor(l["loss"])) for l in logs)
+    assert trainer.sparsity_report()["global"] == pytest.approx(0.5, abs=0.01)
+    assert not _guard(trainer).skipped_steps
+
+
+def test_fp16_on_the_cpu_is_refused_up_front(tmp_path):
+    with pytest.raises(ValueError, match="fp16=True.*CUDA.*bf16=True"):
+        CAPTrainer(tiny_bert(), tiny_args(tmp_path, fp16=True, max_steps=2), tiny_cap_config(), tiny_dataset(16),
+                   teacher=tiny_bert(seed=1))
+
+
+def _guard(trainer):
+    from capsparse.guards import NanGuard
+
+    return next(cb.guard for cb in trainer.callback_handler.callbacks if isinstance(getattr(cb, "guard", None),
+                                                                                    NanGuard))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_an_inf_gradient_is_skipped_without_a_scaler(tmp_path, bf16):
+    model = tiny_bert()
+    trainer = CAPTrainer(model, tiny_args(tmp_path, bf16=bf16, max_steps=6), tiny_cap_config(banks=("prc",)),
+                         tiny_dataset(32), teacher=tiny_bert(seed=1))
+    head = model.classifier.weight
+    calls = []
+    head.register_hook(lambda g: g * float("inf") if len(calls.append(1) or calls) == 3 else g)
+    before = {}
+
+    class Snapshot(transformers_callback()):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                before.update(w=head.detach().clone())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                before.update(after=head.detach().clone())
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    guard = _guard(trainer)
+    assert guard.skipped_steps == [3] and not guard.overflow_steps and guard.amp_scaler is False
+    assert torch.equal(before["w"], before["after"])      # the inf step changed nothing
+    assert torch.isfinite(head).all() and trainer.state.global_step == 6
+
+
+def test_scaler_mode_only_with_a_real_scaler():
+    from capsparse.guards import NanGuardCallback
+
+    net = torch.nn.Linear(2, 2)
+    net.weight.grad = torch.full((2, 2), float("inf"))
+
+    class Wrapped:  # accelerate's optimizer wrapper carries the scaler as .scaler
+        def __init__(self, scaler):
+            self.scaler = scaler
+            self.optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    state = type("S", (), {"global_step": 0})()
+    cb = NanGuardCallback(policy="skip")
+    cb.on_pre_optimizer_step(None, state, None, model=net, optimizer=Wrapped(torch.amp.GradScaler("cpu")))
+    assert cb.guard.overflow_steps == [1] and net.weight.grad is not None  # left to the scaler
+    cb.on_pre_optimizer_step(None, state, None, model=net, optimizer=Wrapped(torch.amp.GradScaler("cpu",
+                                                                                                 enabled=False)))
+    assert cb.guard.skipped_steps == [1] and net.weight.grad is None      # no scaler: skipped
+
+
+def transformers_callback():
+    from transformers import TrainerCallback
+
+    return TrainerCallback

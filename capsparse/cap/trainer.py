@@ -102,6 +102,9 @@ class CAPTrainer(transformers.Trainer):
             raise TypeError(f"cap_config: expected a capsparse.cap.CAPConfig, got {type(cap_config).__name__}")
         if train_dataset is None:
             raise ValueError("train_dataset: expected a tokenised dataset with an 'idx' column, got None")
+        if getattr(args, "fp16", False) and (args.use_cpu or not torch.cuda.is_available()):
+            raise ValueError("fp16=True: float16 mixed precision needs a CUDA device (it trains through a gradient "
+                             "scaler); on the CPU use bf16=True, or neither")
         cfg = cap_config
         self.cap_config = cfg
         self.qa = is_qa_model(model)
