@@ -428,6 +428,10 @@ def dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split()) or '(no message)'}"[:1000]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``capsparse`` console script. Returns the exit status (also used by ``sys.exit``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -439,18 +443,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         shutdown_distributed()
         return code
-    except CLIError as exc:
+    except CLIError as exc:  # a bad input, named by the check that found it
         if debug:
             raise
-        print(f"capsparse: error: {exc}", file=sys.stderr)
+        print(f"capsparse: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ImportError, ValueError) as exc:
+    except (FileNotFoundError, ImportError, ValueError, OSError) as exc:  # bad data, files, environment
         if debug:
             raise
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"capsparse: error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"capsparse: error: {_one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # the run itself failed (e.g. it missed its target sparsity): not an input error
+        if debug:
+            raise
+        print(f"capsparse: error: {_one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("capsparse: interrupted", file=sys.stderr)
         return 130

@@ -149,6 +149,7 @@ def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
     o = resolve(options, "eval", **overrides)
     t = get_task(o["task"])
     squad = is_squad_task(t)
+    tasks.check_labels_before_loading("--model", o["model"], t)
     if squad:  # located before anything is loaded
         source = squad_source(o, o["split"])
     else:
@@ -159,7 +160,6 @@ def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
         if len(raw) and all(label == -1 for label in raw["label"]):
             raise OptionError(f"--split: {o['split']!r} of {t.name} has no labels (all -1), so there is nothing to "
                               f"score; use `capsparse predict` to label it")
-    tasks.check_labels_before_loading("--model", o["model"], t)
     model, tokenizer = tasks.load_checked("--model", o["model"], load_any, o["model"], question_answering=squad)
     if squad:
         tasks.check_qa_checkpoint(model, o["model"], "--model")

@@ -202,7 +202,7 @@ def load_checked(flag: str, path, load, *args, **kwargs):
 def check_labels_before_loading(flag: str, path, t) -> None:
     """A fine-tuned classifier directory whose label count does not fit the task is refused from its
     ``config.json`` alone (no weights read)."""
-    if is_squad_task(t) or path in (None, "default") or not (Path(path) / "config.json").is_file():
+    if path in (None, "default") or not (Path(path) / "config.json").is_file():
         return
     try:
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
@@ -210,9 +210,14 @@ def check_labels_before_loading(flag: str, path, t) -> None:
         raise OptionError(f"{flag}: cannot read {Path(path) / 'config.json'} ({type(exc).__name__})") from None
     if not isinstance(config, dict):
         raise OptionError(f"{flag}: {Path(path) / 'config.json'} is not a JSON object")
-    archs = config.get("architectures") or []
-    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels")
-    if any(str(a).endswith("ForSequenceClassification") for a in archs) and labels not in (None, t.num_labels):
+    archs = [str(a) for a in config.get("architectures") or []]
+    if not is_squad_task(t) and any(a.endswith("ForQuestionAnswering") for a in archs):
+        raise OptionError(f"{flag}: {str(path)!r} is a question-answering model ({archs[0]}); expected a classifier "
+                          f"for --task {t.name} (question answering is --task squad)")
+    # transformers leaves the default of 2 labels out of config.json
+    labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
+    if (not is_squad_task(t) and any(a.endswith("ForSequenceClassification") for a in archs)
+            and labels != t.num_labels):
         raise OptionError(f"{flag}: {str(path)!r} is a classifier with {labels} labels, expected {t.num_labels} "
                           f"for --task {t.name}")
 
