@@ -133,3 +133,22 @@ def transformers_callback():
     from transformers import TrainerCallback
 
     return TrainerCallback
+
+
+# -- load_best_model_at_end ---------------------------------------------------------------------------------
+
+def test_load_best_model_at_end_chooses_a_checkpoint_at_the_target(tmp_path):
+    cfg = tiny_cap_config(target_sparsity=0.6, banks=("prc",))
+    args = tiny_args(tmp_path, max_steps=12, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="sparsity", greater_is_better=False)
+    trainer = CAPTrainer(tiny_bert(), args, cfg, tiny_dataset(32), eval_dataset=tiny_dataset(16, seed=5),
+                         teacher=tiny_bert(seed=1))
+    trainer.train()  # the least sparse checkpoint "wins" on the ramp: it used to be loaded, and train() raised
+    evals = {l["step"]: l for l in trainer.state.log_history if "eval_loss" in l}
+    assert any(abs(l["eval_sparsity"] - 0.6) > 0.01 for l in evals.values())  # evaluations on the ramp happened
+    best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert abs(evals[best_step]["eval_sparsity"] - 0.6) <= 0.01
+    at_target = [l["eval_sparsity"] for l in evals.values() if abs(l["eval_sparsity"] - 0.6) <= 0.01]
+    assert evals[best_step]["eval_sparsity"] == min(at_target)
+    assert trainer.sparsity_report()["global"] == pytest.approx(0.6, abs=0.01)
+

@@ -102,6 +102,11 @@ class CAPTrainer(transformers.Trainer):
             raise TypeError(f"cap_config: expected a capsparse.cap.CAPConfig, got {type(cap_config).__name__}")
         if train_dataset is None:
             raise ValueError("train_dataset: expected a tokenised dataset with an 'idx' column, got None")
+        if getattr(args, "load_best_model_at_end", False) and not hasattr(transformers.Trainer,
+                                                                            "_determine_best_metric"):
+            raise ValueError(f"load_best_model_at_end=True: CAPTrainer chooses among checkpoints at the target "
+                             f"sparsity through Trainer._determine_best_metric, which transformers "
+                             f"{transformers.__version__} lacks; set load_best_model_at_end=False")
         if getattr(args, "fp16", False) and (args.use_cpu or not torch.cuda.is_available()):
             raise ValueError("fp16=True: float16 mixed precision needs a CUDA device (it trains through a gradient "
                              "scaler); on the CPU use bf16=True, or neither")
@@ -488,7 +493,19 @@ class CAPTrainer(transformers.Trainer):
             logs["sparsity"] = round(self.sparsity_report()["global"], 6)
             if self.pruner is not None:
                 logs["mask_turnover"] = round(self.pruner.mask_turnover(), 6)
+        if "eval_loss" in logs:  # which evaluations were at the target (load_best_model_at_end chooses among those)
+            logs["eval_sparsity"] = round(self.sparsity_report()["global"], 6)
         super().log(logs, start_time)
+
+    def _at_target(self) -> bool:
+        cfg = self.cap_config
+        return abs(self.sparsity_report()["global"] - cfg.target_sparsity) <= cfg.sparsity_tolerance
+
+    def _determine_best_metric(self, metrics, trial):
+        # load_best_model_at_end: a checkpoint from the sparsity ramp is not the model asked for, however good
+        if not self._at_target():
+            return False
+        return super()._determine_best_metric(metrics, trial)
 
     # -- reporting -------------------------------------------------------------------------------------------
     def sparsity_report(self) -> dict:
