@@ -182,11 +182,18 @@ class Pruner:
         return 1.0 - kept / total
 
     def state_dict(self) -> dict:
-        return {"num_updates": self.num_updates, "last_value": self.last_value}
+        state = {"num_updates": self.num_updates, "last_value": self.last_value}
+        previous = getattr(self, "_turnover_masks", None)
+        if previous is not None:  # mask_turnover's reference: the first log after a resume compares with it
+            state["turnover_masks"] = [m.cpu() for m in previous]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.num_updates = int(state.get("num_updates", 0))
         self.last_value = state.get("last_value")
+        if state.get("turnover_masks") is not None:
+            self._turnover_masks = [m.to((layer.mask if layer.block_size is None else layer.block_mask).device)
+                                    for m, (_, layer) in zip(state["turnover_masks"], self.layers)]
 
 
 class MagnitudePruner(Pruner):
