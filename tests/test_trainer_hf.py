@@ -152,3 +152,35 @@ def test_load_best_model_at_end_chooses_a_checkpoint_at_the_target(tmp_path):
     assert evals[best_step]["eval_sparsity"] == min(at_target)
     assert trainer.sparsity_report()["global"] == pytest.approx(0.6, abs=0.01)
 
+
+
+# -- logs ---------------------------------------------------------------------------------------------------
+
+def test_logged_components_keep_full_precision(tmp_path):
+    trainer = CAPTrainer(tiny_bert(), tiny_args(tmp_path, max_steps=2), tiny_cap_config(banks=("prc",)),
+                         tiny_dataset(16), teacher=tiny_bert(seed=1))
+    trainer._parts_sum, trainer._parts_n = {"kd": 6.6e-06, "ce": 0.123456789}, 2
+    trainer.log({"loss": 1.0, "learning_rate": 3.3e-06})
+    last = trainer.state.log_history[-1]
+    assert last["kd"] == 3.3e-06 and last["ce"] == 0.123456789 / 2 and last["learning_rate"] == 3.3e-06
+
+
+def test_mask_turnover_after_a_resume_equals_the_uninterrupted_run(tmp_path):
+    cfg = tiny_cap_config(target_sparsity=0.6, banks=("prc",), score_lr=1.0)  # fast scores: masks regrow
+
+    def make(out):
+        return CAPTrainer(tiny_bert(), tiny_args(out, max_steps=12, logging_steps=4, save_strategy="steps",
+                                                 save_steps=6, learning_rate=3e-3), cfg, tiny_dataset(40),
+                          teacher=tiny_bert(seed=1))
+
+    full = make(tmp_path / "a")
+    full.train()
+    resumed = make(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+
+    def turnover(trainer):
+        return {l["step"]: l["mask_turnover"] for l in trainer.state.log_history if "mask_turnover" in l}
+
+    a, b = turnover(full), turnover(resumed)
+    assert a[8] > 0                                      # the masks still change at the first log after the resume
+    assert b[8] == pytest.approx(a[8], abs=1e-9) and b[12] == pytest.approx(a[12], abs=1e-9)

@@ -487,14 +487,14 @@ class CAPTrainer(transformers.Trainer):
     # -- logging ---------------------------------------------------------------------------------------------
     def log(self, logs, start_time=None):
         if "loss" in logs and self._parts_n:
-            for k, v in self._parts_sum.items():
-                logs[k] = round(float(v) / self._parts_n, 6)
+            for k, v in self._parts_sum.items():  # full precision: run.log and the plots read these
+                logs[k] = float(v) / self._parts_n
             self._parts_sum, self._parts_n = {}, 0
-            logs["sparsity"] = round(self.sparsity_report()["global"], 6)
+            logs["sparsity"] = self.sparsity_report()["global"]
             if self.pruner is not None:
-                logs["mask_turnover"] = round(self.pruner.mask_turnover(), 6)
+                logs["mask_turnover"] = self.pruner.mask_turnover()
         if "eval_loss" in logs:  # which evaluations were at the target (load_best_model_at_end chooses among those)
-            logs["eval_sparsity"] = round(self.sparsity_report()["global"], 6)
+            logs["eval_sparsity"] = self.sparsity_report()["global"]
         super().log(logs, start_time)
 
     def _at_target(self) -> bool:
