@@ -52,10 +52,10 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
     return {name: backend_status(name) for name in BACKENDS}
 
 
-def _device_default(device: torch.device) -> str:
-    if device.type == "cuda":
+def _device_default(device_type: str) -> str:
+    if device_type == "cuda":
         return "triton"
-    if device.type == "cpu":
+    if device_type == "cpu":
         return "cpu"
     return "reference"
 
@@ -66,11 +66,22 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None, op: str
     Args:
         device: device of the op's inputs.
         backend: forced backend name, or ``None`` for the environment variable / default.
+
+    Under ``torch.compile`` the same rules run once at trace time (the probe cannot be traced, so
+    its answer enters the graph as a constant), so a compiled graph runs the backend eager would.
     """
-    forced = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if torch.compiler.is_compiling():
-        # while tracing, trust the eager resolution rules without probing modules (dynamo cannot import)
-        return forced if forced is not None else _compiled_default(device)
+        return _resolve_at_trace_time(device.type, backend, op)
+    return _resolve(device.type, backend, op)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_at_trace_time(device_type: str, backend: Optional[str], op: str) -> str:
+    return _resolve(device_type, backend, op)
+
+
+def _resolve(device_type: str, backend: Optional[str], op: str) -> str:
+    forced = backend if backend is not None else os.environ.get(ENV_VAR) or None
     if forced is not None:
         if forced not in BACKENDS:
             source = "backend" if backend is not None else ENV_VAR
@@ -78,29 +89,24 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None, op: str
         ok, reason = backend_status(forced)
         if not ok:
             raise RuntimeError(f"backend {forced!r} was requested for {op} but is unavailable: {reason}")
-        _check_device(forced, device)
+        _check_device(forced, device_type)
         return forced
-    choice = _device_default(device)
+    choice = _device_default(device_type)
     if choice != "reference":
         ok, reason = backend_status(choice)
         if not ok:
             if choice not in _warned:
                 _warned.add(choice)
                 warnings.warn(f"capsparse: backend {choice!r} unavailable ({reason}); using 'reference'",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
             choice = "reference"
     return choice
 
 
-def _compiled_default(device: torch.device) -> str:
-    choice = _device_default(device)
-    return choice if _STATUS.get(choice, (False, ""))[0] else "reference"
-
-
-def _check_device(name: str, device: torch.device) -> None:
-    if name == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend: 'cpu' runs on CPU tensors only, got tensors on {device}")
-    if name == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend: 'cuda' runs on CUDA tensors only, got tensors on {device}")
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device}")
+def _check_device(name: str, device_type: str) -> None:
+    if name == "cpu" and device_type != "cpu":
+        raise ValueError(f"backend: 'cpu' runs on CPU tensors only, got tensors on {device_type}")
+    if name == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend: 'cuda' runs on CUDA tensors only, got tensors on {device_type}")
+    if name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got tensors on {device_type}")

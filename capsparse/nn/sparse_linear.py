@@ -17,7 +17,13 @@ class SparseLinear(nn.Module):
     The weight stays dense (so masks can change while training); the mask lives in a buffer
     (``mask`` ``[out, in]`` or ``block_mask`` ``[out/bm, in/bk]``, both bool) and round-trips
     through ``state_dict``. Kernel metadata and the masked-weight cache are rebuilt only when the
-    mask buffer or the weight changes (tracked by tensor versions, no host sync).
+    mask buffer or the weight changes (tracked by tensor versions, no host sync). Under
+    ``torch.compile`` the caches are bypassed (both are a few traced tensor ops), so a model with
+    these layers compiles with ``fullgraph=True``.
+
+    Block layouts carry a host-side density hint (kept fraction, from :meth:`set_mask`) that lets
+    a backend run dense GEMMs below its crossover sparsity; it is dropped when the mask buffer is
+    changed behind the layer's back, and not used under ``torch.compile``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: Optional[BlockSize] = None,
@@ -39,6 +45,7 @@ class SparseLinear(nn.Module):
         self._layout_key = None
         self._masked_weight: Optional[torch.Tensor] = None
         self._masked_key = None
+        self._note_density(1.0)
         nn.Linear.reset_parameters(self)
 
     # -- construction ------------------------------------------------------------------------
@@ -66,6 +73,7 @@ class SparseLinear(nn.Module):
             module.register_buffer("block_mask", torch.ones(linear.out_features // bm, linear.in_features // bk,
                                                             dtype=torch.bool, device=device))
         module._layout = module._layout_key = module._masked_weight = module._masked_key = None
+        module._note_density(1.0)
         module.train(linear.training)
         return module
 
@@ -102,9 +110,16 @@ class SparseLinear(nn.Module):
     def sparsity(self) -> float:
         return 1.0 - self.density
 
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def set_mask(self, mask: torch.Tensor, density: Optional[float] = None) -> None:
         """Set the kept weights: a bool ``[out, in]`` element mask, or for block layouts a bool block mask
-        ``[out/bm, in/bk]``. Copies into the existing buffer (no reallocation)."""
+        ``[out/bm, in/bk]``. Copies into the existing buffer (no reallocation).
+
+        ``density``: the mask's kept fraction if the caller knows it on the host (a pruning schedule
+        does), so that no device sync is needed to pick dense or sparse kernels; for CPU masks it
+        is computed here when not given.
+        """
+        if density is not None and not (isinstance(density, (int, float)) and 0.0 <= density <= 1.0):
+            raise ValueError(f"density: expected a kept fraction in [0, 1] or None, got {density!r}")
         if self.block_size is None:
             check_mask(mask, self.weight)
             with torch.no_grad():
@@ -115,6 +130,20 @@ class SparseLinear(nn.Module):
             raise ValueError(f"mask: expected device {self.block_mask.device}, got {mask.device}")
         with torch.no_grad():
             self.block_mask.copy_(mask)
+        if density is None and mask.device.type == "cpu":
+            density = float(mask.float().mean()) if mask.numel() else 0.0
+        self._note_density(density)
+
+    def _note_density(self, density: Optional[float]) -> None:
+        source = self.mask if self.block_size is None else self.block_mask
+        self._density_hint = (None if density is None else float(density), source._version)
+
+    @property
+    def density_hint(self) -> Optional[float]:
+        """The host-side kept fraction given with the current mask, or ``None`` if unknown (no sync)."""
+        hint, version = getattr(self, "_density_hint", (None, -1))
+        source = self.mask if self.block_size is None else self.block_mask
+        return hint if version == source._version else None
 
     @property
     def layout(self) -> BlockLayout:
@@ -142,8 +171,16 @@ class SparseLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # caches keyed on data pointers and versions cannot be traced: build both in the graph
+            if self.block_size is not None:
+                layout = BlockLayout.from_bitmap(self.block_mask, (self.out_features, self.in_features),
+                                                 self.block_size)
+                return block_sparse_linear(x, self.weight, layout, self.bias, backend=self.backend)
+            return masked_linear(x, self.weight, self.mask, self.bias, backend=self.backend)
         if self.block_size is not None:
-            return block_sparse_linear(x, self.weight, self.layout, self.bias, backend=self.backend)
+            return block_sparse_linear(x, self.weight, self.layout, self.bias, backend=self.backend,
+                                       density=self.density_hint)
         return masked_linear(x, self.weight, self.mask, self.bias, backend=self.backend,
                              masked_weight=self.masked_weight())
 
@@ -156,9 +193,12 @@ class SparseLinear(nn.Module):
             destination[prefix + "weight"] = self.weight.detach() * self.element_mask().to(self.weight.dtype)
 
     def _apply(self, fn, recurse=True):
-        # device/dtype moves invalidate the caches
+        # device/dtype moves invalidate the caches; the density hint survives a move
+        hint = self.density_hint
         self._layout = self._layout_key = self._masked_weight = self._masked_key = None
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._note_density(hint)
+        return out
 
     def extra_repr(self) -> str:
         kind = "element mask" if self.block_size is None else f"block_size={self.block_size}"
