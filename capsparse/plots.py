@@ -37,6 +37,25 @@ def _finish(plt, fig, ax, title: str, path: PathLike) -> Path:
     return path
 
 
+# one style per curve, so that curves with identical values stay visible on top of each other: line styles,
+# markers and marker sizes all differ, later curves are drawn thinner and with hollow markers
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def curve_style(i: int, n_points: int) -> dict:
+    """Matplotlib keyword arguments of the ``i``-th curve of a plot (``n_points`` long)."""
+    return dict(ls=_LINESTYLES[i % len(_LINESTYLES)], marker=_MARKERS[i % len(_MARKERS)],
+                markersize=max(3.0, 7.0 - 0.6 * i), lw=max(0.8, 2.2 - 0.25 * i),
+                markevery=max(1, n_points // 15), fillstyle="full" if i % 2 == 0 else "none")
+
+
+def run_title(what: str, run_name: Optional[str] = None, method: Optional[str] = None) -> str:
+    """``"<what>: <run> (<method>)"``, leaving out what is unknown."""
+    label = " ".join(x for x in (run_name, f"({method})" if method else None) if x)
+    return f"{what}: {label}" if label else what
+
+
 def _series(log_history: Sequence[dict], key: str):
     xs, ys = [], []
     for entry in log_history:
@@ -70,10 +89,10 @@ def plot_losses(log_history: Sequence[dict], path: PathLike, title: str = "train
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
+    for i, key in enumerate(keys):
         xs, ys = _series(log_history, key)
         if xs:
-            ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=key, lw=2.2 if key == "loss" else 1.2)
+            ax.plot(xs, ys, label=key, **curve_style(i, len(xs)))
     if len(keys) > 2:
         ax.set_yscale("symlog", linthresh=1e-2)  # CE/KD and contrastive terms differ by orders of magnitude
     evx, evy = _series(log_history, "eval_loss")
@@ -94,10 +113,10 @@ def plot_sparsity(log_history: Sequence[dict], path: PathLike, target: Optional[
         for k in entry:
             if k not in keys and ("sparsity" in k or k == "threshold") and not k.startswith("eval_"):
                 keys.append(k)
-    for key in keys:
+    for i, key in enumerate(keys):
         xs, ys = _series(log_history, key)
         if xs:
-            ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=key)
+            ax.plot(xs, ys, label=key, **curve_style(i, len(xs)))
             plotted = True
     if target is not None:
         ax.axhline(target, color="grey", ls=":", label=f"target {target:.2f}")
@@ -124,13 +143,12 @@ def plot_accuracy_vs_sparsity(rows: Iterable[Dict], path: PathLike, metric: str 
     methods: Dict[str, List[Dict]] = {}
     for r in rows:
         methods.setdefault(r["method"], []).append(r)
-    for method, rs in methods.items():
+    for i, (method, rs) in enumerate(methods.items()):
         rs = sorted(rs, key=lambda r: r["sparsity"])
         xs = [100 * r["sparsity"] for r in rs]
         ys = [r["mean"] for r in rs]
         es = [r.get("std") or 0.0 for r in rs]
-        ls = "-" if method.lower().startswith("cap") else "--"
-        ax.errorbar(xs, ys, yerr=es, marker="o", ls=ls, capsize=3, label=method)
+        ax.errorbar(xs, ys, yerr=es, capsize=3, label=method, **curve_style(i, len(xs)))
     if dense is not None:
         ax.axhline(dense, color="black", ls=":", label=f"{dense_label} {dense:.1f}")
     if majority is not None:
@@ -140,13 +158,32 @@ def plot_accuracy_vs_sparsity(rows: Iterable[Dict], path: PathLike, metric: str 
     return _finish(plt, fig, ax, title, path)
 
 
-def plot_run(log_history: Sequence[dict], output_dir: PathLike, target_sparsity: Optional[float] = None) -> List[Path]:
-    """Both per-run plots into ``output_dir`` (``losses.png``, ``sparsity.png``); returns the paths written."""
+def _run_method(out: Path) -> Optional[str]:
+    """The pruning method recorded in the run's ``config.json`` (``options.method``), if any."""
+    from .runlog import CONFIG_FILE, read_json
+
+    try:
+        options = read_json(out / CONFIG_FILE).get("options") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    method = options.get("method") if isinstance(options, dict) else None
+    return str(method) if method else None
+
+
+def plot_run(log_history: Sequence[dict], output_dir: PathLike, target_sparsity: Optional[float] = None,
+             run_name: Optional[str] = None, method: Optional[str] = None) -> List[Path]:
+    """Both per-run plots into ``output_dir`` (``losses.png``, ``sparsity.png``); returns the paths written.
+
+    Titles name the run (default: the directory's name) and the method (default: ``options.method`` of the run's
+    ``config.json``)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run_name = run_name if run_name is not None else out.resolve().name
+    method = method if method is not None else _run_method(out)
     written = []
-    for p in (plot_losses(log_history, out / "losses.png"),
-              plot_sparsity(log_history, out / "sparsity.png", target=target_sparsity)):
+    for p in (plot_losses(log_history, out / "losses.png", title=run_title("training losses", run_name, method)),
+              plot_sparsity(log_history, out / "sparsity.png", target=target_sparsity,
+                            title=run_title("sparsity schedule", run_name, method))):
         if p is not None:
             written.append(p)
     return written
