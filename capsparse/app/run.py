@@ -54,9 +54,10 @@ def _check_resumable(out: Path, o: Dict[str, Any]) -> None:
     now = _comparable(o)
     changed = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
     if changed:
-        detail = ", ".join(f"{k} (run {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:4])
-        raise OptionError(f"--resume: the options differ from {out / 'config.json'}: {detail}; resume with the "
-                          f"run's options")
+        detail = ", ".join(f"{k} (run {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
+        more = f" and {len(changed) - 3} more ({', '.join(changed[3:])})" if len(changed) > 3 else ""
+        raise OptionError(f"--resume: the options differ from {out / 'config.json'}: {detail}{more}; resume with "
+                          f"the run's options")
 
 
 def training_arguments(o: Dict[str, Any], out: Path, n_train: int, remove_unused: bool = True):
