@@ -71,14 +71,17 @@ def resolve_backend(device: torch.device, backend: Optional[str] = None, op: str
     its answer enters the graph as a constant), so a compiled graph runs the backend eager would.
     """
     if torch.compiler.is_compiling():
-        return _resolve_at_trace_time()(device.type, backend, op)
+        return _resolve_at_trace_time(device.type, backend, op)
     return _resolve(device.type, backend, op)
 
 
-@lru_cache(maxsize=None)
-def _resolve_at_trace_time():
-    # made on first use: applying the decorator imports torch._dynamo (and triton) at import time
-    return torch.compiler.assume_constant_result(lambda device_type, backend, op: _resolve(device_type, backend, op))
+def _resolve_at_trace_time(device_type: str, backend: Optional[str], op: str) -> str:
+    return _resolve(device_type, backend, op)
+
+
+# torch.compiler.assume_constant_result(_resolve_at_trace_time), which is exactly this attribute, but
+# calling it imports torch._dynamo (and triton) with capsparse; tests/test_compile.py checks it works.
+_resolve_at_trace_time._dynamo_marked_constant = True
 
 
 def _resolve(device_type: str, backend: Optional[str], op: str) -> str:
