@@ -242,6 +242,95 @@ def test_masked_linear_forward():
 
 
 # ------------------------------------------------------------------------------------------------
+# element-sparse (CSR) linear, inference
+# ------------------------------------------------------------------------------------------------
+def sparse_weight(n, k, density, gen, dtype=torch.float32):
+    w = torch.randn(n, k, generator=gen)
+    if density < 1:
+        w = w * (torch.rand(n, k, generator=gen) < density)
+    if n > 2 and 0 < density < 1:
+        w[1] = 0  # an empty row
+        w[2] = torch.randn(k, generator=gen)  # a full row
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (16, 64), (37, 100), (130, 48), (384, 257)])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.3, 1.0])
+@pytest.mark.parametrize("t", [1, 7, 64, 129])
+def test_csr_linear_fp32_against_fp64_reference(n, k, density, t):
+    gen = torch.Generator().manual_seed(n * 31 + k + t)
+    w, b = sparse_weight(n, k, density, gen), torch.randn(n, generator=gen)
+    x = torch.randn(t, k, generator=gen)
+    csr = cpu.csr_from_dense(w)
+    assert csr.values.numel() == int((w != 0).sum()) and csr.row_ptr[-1] == csr.values.numel()
+    y = cpu.csr_linear(x, csr, b)
+    tol_check(y, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b))
+    assert torch.equal(cpu.csr_linear_reference(torch.eye(k), csr).t(), w)  # the reference rebuilds W exactly
+    tol_check(cpu.csr_linear(x, csr), F.linear(x.double(), w.double()), F.linear(x, w))  # no bias
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_csr_linear_low_precision(dtype):
+    gen = torch.Generator().manual_seed(3)
+    n, k, t = 96, 80, 70
+    w, b = sparse_weight(n, k, 0.2, gen, dtype), torch.randn(n, generator=gen).to(dtype)
+    x = torch.randn(2, t // 2, k, generator=gen).to(dtype)  # leading dims are flattened
+    csr = cpu.csr_from_dense(w)
+    y = cpu.csr_linear(x, csr, b)
+    assert y.dtype == dtype and y.shape == (2, t // 2, n)
+    ref = cpu.csr_linear_reference(x, csr, b)
+    exact = F.linear(x.double(), w.double(), b.double())
+    assert (y.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + 1e-6
+
+
+def test_csr_linear_thread_count_independent(threads):
+    gen = torch.Generator().manual_seed(5)
+    w, b = sparse_weight(200, 300, 0.1, gen), torch.randn(200, generator=gen)
+    csr = cpu.csr_from_dense(w)
+    for t in (5, 64, 700):
+        x = torch.randn(t, 300, generator=gen)
+        got = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            got.append(cpu.csr_linear(x, csr, b))
+        assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+
+
+def test_csr_bad_input():
+    csr = cpu.csr_from_dense(torch.eye(4))
+    with pytest.raises(ValueError, match="expected 4 features"):
+        cpu.csr_linear(torch.randn(2, 5), csr)
+    with pytest.raises(TypeError, match="x: expected"):
+        cpu.csr_linear(torch.randn(2, 4, dtype=torch.float64), csr)
+    with pytest.raises(ValueError, match="weight: expected a 2-D"):
+        cpu.csr_from_dense(torch.ones(4))
+    with pytest.raises(TypeError, match="floating-point"):
+        cpu.csr_from_dense(torch.ones(2, 2, dtype=torch.int64))
+
+
+def test_masked_linear_forward_uses_csr_below_the_crossover(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    w, b, x = sparse_weight(64, 48, 0.1, gen), torch.randn(64, generator=gen), torch.randn(33, 48, generator=gen)
+    calls = []
+    real = cpu.csr_linear
+    monkeypatch.setattr(cpu, "csr_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("CAPSPARSE_CPU_CSR_BELOW", "0.5")
+    y = cpu.masked_linear_forward(x, w, b)
+    tol_check(y, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b))
+    assert calls == [1]
+    cpu.masked_linear_forward(x, w, b)  # cached compressed copy
+    assert cpu._CSR_CACHE[w][1] is not None and len(calls) == 2
+    with torch.no_grad():
+        w.mul_(2)  # an in-place change of W * M invalidates the cached copy
+    tol_check(cpu.masked_linear_forward(x, w, b), F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b))
+    monkeypatch.setenv("CAPSPARSE_CPU_CSR_BELOW", "0.05")  # too dense now: dense F.linear
+    w2 = w.clone()
+    assert torch.equal(cpu.masked_linear_forward(x, w2, b), F.linear(x, w2, b)) and len(calls) == 3
+    assert torch.equal(cpu.masked_linear_forward(x.double(), w2.double(), b.double()),
+                       F.linear(x.double(), w2.double(), b.double()))  # fp64: always dense
+
+
+# ------------------------------------------------------------------------------------------------
 # CAP contrastive loss
 # ------------------------------------------------------------------------------------------------
 def contrastive_reference(q, k, qid, kid, qlab, klab, excl, tau, normalization):

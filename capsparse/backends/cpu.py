@@ -18,10 +18,11 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 _BUILD_HINT = "capsparse._C is not built; run `pip install -e . --no-build-isolation`"
 
@@ -122,7 +123,112 @@ def bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm: int, bk: int):
                                 nnz, int(bm), int(bk))
 
 
+# Densities (nonzeros of W * M / all) at or below which the masked-linear forward runs the CSR kernel
+# on a cached compressed copy of W * M instead of dense F.linear, per SIMD level of the build (measured
+# with benchmarks/bench_headline.py and the crossover sweep in docs/benchmarks.md). Override with
+# CAPSPARSE_CPU_CSR_BELOW=<density> (0 disables the CSR path).
+CSR_BELOW = {"avx512f": 0.3, "avx2+fma": 0.3, "scalar": 0.0}
+_CSR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CSRWeight(NamedTuple):
+    """A weight ``[out, in]`` in CSR: int32 ``row_ptr [out + 1]`` and ``col_idx [nnz]``, fp32 ``values``."""
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    values: torch.Tensor
+    shape: Tuple[int, int]
+
+    @property
+    def density(self) -> float:
+        n, k = self.shape
+        return self.values.numel() / (n * k) if n * k else 0.0
+
+
+def csr_from_dense(weight: torch.Tensor) -> CSRWeight:
+    """The nonzeros of a 2-D CPU float ``weight`` in row-major CSR (values in fp32)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.device.type != "cpu":
+        raise ValueError(f"weight: expected a 2-D CPU tensor, got {getattr(weight, 'shape', type(weight))}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight: expected a floating-point tensor, got {weight.dtype}")
+    w = weight.detach()
+    n, k = w.shape
+    if n * k >= 2 ** 31:
+        raise ValueError(f"weight: {n}x{k} has too many entries for int32 CSR indices")
+    nz = w != 0
+    counts = nz.sum(1, dtype=torch.int32)
+    row_ptr = torch.zeros(n + 1, dtype=torch.int32)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
+    col_idx = nz.nonzero()[:, 1].to(torch.int32).contiguous()
+    values = w[nz].to(torch.float32).contiguous()  # boolean indexing is row-major: matches col_idx
+    return CSRWeight(row_ptr, col_idx, values, (int(n), int(k)))
+
+
+def csr_linear_reference(x: torch.Tensor, csr: CSRWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch: rebuild the dense weight from ``csr`` and call ``F.linear`` (in fp32, cast back)."""
+    n, k = csr.shape
+    rows = torch.repeat_interleave(torch.arange(n), csr.row_ptr.diff().to(torch.int64))
+    w = torch.zeros(n, k, dtype=torch.float32)
+    w[rows, csr.col_idx.to(torch.int64)] = csr.values
+    y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype)
+
+
+def csr_linear(x: torch.Tensor, csr: CSRWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x (..., in) @ W^T + bias`` with ``W`` in CSR (inference: no autograd). fp32 / bf16 / fp16 inputs;
+    the products accumulate in fp32."""
+    if x.dtype not in _CSR_DTYPES:
+        raise TypeError(f"x: expected one of {_CSR_DTYPES}, got {x.dtype}")
+    n, k = csr.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x: expected {k} features (the weight's in_features), got shape {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    y = _C().csr_linear(x.reshape(-1, k).contiguous(), csr.row_ptr, csr.col_idx, csr.values,
+                        None if bias is None else bias.detach(), int(k))
+    return y.reshape(*lead, n)
+
+
+def _csr_below() -> float:
+    env = os.environ.get("CAPSPARSE_CPU_CSR_BELOW")
+    if env:
+        return float(env)
+    return CSR_BELOW.get(_C().simd_info().split()[0], 0.0)
+
+
+# W * M tensor -> (its version, CSRWeight or None when too dense); dies with the tensor
+_CSR_CACHE = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter (and cannot change outside inference mode)
+        return None
+
+
+def _cached_csr(masked_weight: torch.Tensor) -> Optional[CSRWeight]:
+    hit = _CSR_CACHE.get(masked_weight)
+    version = _version(masked_weight)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    n, k = masked_weight.shape
+    limit = _csr_below()
+    csr = None
+    if limit > 0 and n * k:
+        nnz = int(torch.count_nonzero(masked_weight))
+        if nnz <= limit * n * k:
+            csr = csr_from_dense(masked_weight)
+    _CSR_CACHE[masked_weight] = (version, csr)
+    return csr
+
+
 def masked_linear_forward(x, masked_weight, bias):
+    """``F.linear(x, W * M, bias)``; when ``W * M`` is sparse enough (``CSR_BELOW``) the CSR kernel on a
+    compressed copy cached per ``W * M`` tensor (the forward value only: the backward stays dense)."""
+    if (x.dtype == masked_weight.dtype and x.dtype in _CSR_DTYPES and x.dim() == 2 and x.device.type == "cpu"
+            and (bias is None or bias.dtype == x.dtype)):
+        csr = _cached_csr(masked_weight)
+        if csr is not None:
+            return csr_linear(x, csr, bias)
     return F.linear(x, masked_weight, bias)
 
 

@@ -19,6 +19,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::
     const std::optional<at::Tensor>& query_labels, const std::optional<at::Tensor>& key_labels,
     const at::Tensor& exclude_index, double temperature, const std::string& normalization);
 
+at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                      const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t in_features);
+
 // Tuning knobs (token tile, dW token chunk); 0 = automatic.
 void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order);
 std::string simd_info();

@@ -2,7 +2,7 @@
 #include "common.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "capsparse CPU kernels (block-sparse linear, CAP contrastive loss)";
+  m.doc() = "capsparse CPU kernels (block-sparse and CSR linear, CAP contrastive loss)";
   m.def("bsl_forward", &capsparse::bsl_forward, "block-sparse linear forward", py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("row_ptr"), py::arg("row_cols"), py::arg("bm"), py::arg("bk"),
         py::arg("out") = py::none());
@@ -12,6 +12,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bsl_grad_weight", &capsparse::bsl_grad_weight, "block-sparse linear dW on kept blocks",
         py::arg("grad_y"), py::arg("x"), py::arg("block_rows"), py::arg("block_cols"), py::arg("nnz"),
         py::arg("bm"), py::arg("bk"));
+  m.def("csr_linear", &capsparse::csr_linear, "element-sparse (CSR) linear forward, inference",
+        py::arg("x"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("bias"),
+        py::arg("in_features"));
   m.def("cap_contrastive", &capsparse::cap_contrastive, "CAP contrastive losses and grads wrt q",
         py::arg("q"), py::arg("k"), py::arg("query_ids"), py::arg("key_ids"), py::arg("query_labels"),
         py::arg("key_labels"), py::arg("exclude_index"), py::arg("temperature"), py::arg("normalization"));

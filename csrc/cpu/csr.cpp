@@ -1,0 +1,193 @@
+// Element-sparse (CSR) linear for inference: y[T, N] = x[T, K] @ W^T (+ bias), W in CSR with fp32 values.
+//
+// Work items are (token tile of TT tokens) x (group of output rows). For a tile, x is transposed once
+// into xt[K][TT] (fp32, zero-padded), so each kept weight w[n, k] costs TT/VW fused multiply-adds on a
+// contiguous row of xt: acc[0:TT] += w[n, k] * xt[k, 0:TT]. 16 output rows are gathered in a small
+// buffer and written back transposed (8 x 8 register transposes on AVX2/AVX-512). Each output element
+// is summed by one thread in CSR order, so results do not depend on the number of threads.
+// bf16 / fp16 inputs are converted to fp32 in the transpose and the output is rounded back.
+#include "common.h"
+#include "simd.h"
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+namespace capsparse {
+namespace {
+
+constexpr int TT = 64;          // tokens per tile: TT / VW independent accumulators per output row
+constexpr int NA = TT / VW;     // accumulators
+constexpr int RG = 16;          // output rows gathered before the transposed write-back
+
+int csr_threads() { return std::max(1, at::get_num_threads()); }
+
+template <typename in_t>
+inline float to_f32(in_t v) { return static_cast<float>(v); }
+
+// xt[k * TT + i] = x[(t0 + i) * K + k] for i < mt, 0 for mt <= i < TT
+template <typename in_t>
+void transpose_tile(const in_t* x, int64_t K, int64_t t0, int64_t mt, float* xt) {
+  if (mt < TT) std::memset(xt, 0, sizeof(float) * K * TT);
+  constexpr int64_t KB = 64;  // k-chunk: keeps the TT source rows' chunks in L1
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int64_t k1 = std::min(K, k0 + KB);
+    for (int64_t i = 0; i < mt; ++i) {
+      const in_t* src = x + (t0 + i) * K;
+      for (int64_t k = k0; k < k1; ++k) xt[k * TT + i] = to_f32(src[k]);
+    }
+  }
+}
+
+// rows [n0, n0 + nr) of the tile: buf[r * TT + i] = bias[n] + sum_p val[p] * xt[col[p] * TT + i]
+inline void rows_tile(const float* xt, const int32_t* rp, const int32_t* ci, const float* val, const float* bias,
+                      int64_t n0, int64_t nr, float* buf) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t n = n0 + r;
+    vf acc[NA];
+    const vf b = bias ? vbcast(bias + n) : vzero();
+#pragma GCC unroll 16
+    for (int a = 0; a < NA; ++a) acc[a] = b;
+    for (int32_t p = rp[n]; p < rp[n + 1]; ++p) {
+      const vf w = vbcast(val + p);
+      const float* xr = xt + (int64_t)ci[p] * TT;
+#pragma GCC unroll 16
+      for (int a = 0; a < NA; ++a) acc[a] = vfma(w, vload(xr + a * VW), acc[a]);
+    }
+#pragma GCC unroll 16
+    for (int a = 0; a < NA; ++a) vstore(buf + r * TT + a * VW, acc[a]);
+  }
+}
+
+#if defined(__AVX2__)
+// dst[i * ld + r] = src[r * TT + i] for an 8 x 8 block
+inline void transpose8(const float* src, float* dst, int64_t ld) {
+  __m256 r0 = _mm256_loadu_ps(src + 0 * TT), r1 = _mm256_loadu_ps(src + 1 * TT);
+  __m256 r2 = _mm256_loadu_ps(src + 2 * TT), r3 = _mm256_loadu_ps(src + 3 * TT);
+  __m256 r4 = _mm256_loadu_ps(src + 4 * TT), r5 = _mm256_loadu_ps(src + 5 * TT);
+  __m256 r6 = _mm256_loadu_ps(src + 6 * TT), r7 = _mm256_loadu_ps(src + 7 * TT);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+// y[(t0 + i) * N + n0 + r] = buf[r * TT + i] for i < mt, r < nr
+void write_back(const float* buf, int64_t mt, int64_t nr, float* y, int64_t N, int64_t t0, int64_t n0) {
+  float* base = y + t0 * N + n0;
+  int64_t i0 = 0;
+#if defined(__AVX2__)
+  if (nr == RG) {
+    for (; i0 + 8 <= mt; i0 += 8)
+      for (int64_t r0 = 0; r0 < RG; r0 += 8) transpose8(buf + r0 * TT + i0, base + i0 * N + r0, N);
+  }
+#endif
+  for (int64_t i = i0; i < mt; ++i)
+    for (int64_t r = 0; r < nr; ++r) base[i * N + r] = buf[r * TT + i];
+}
+
+template <typename in_t>
+void csr_run(const in_t* x, int64_t T, int64_t K, const int32_t* rp, const int32_t* ci, const float* val,
+             const float* bias, int64_t N, float* y) {
+  const int64_t ntiles = (T + TT - 1) / TT;
+  const int64_t nnz = rp[N];
+  const double work = 2.0 * (double)std::max<int64_t>(T, 1) * (double)nnz + (double)T * (double)(K + N);
+  const int nthreads = work < 2e6 ? 1 : csr_threads();
+  // split the rows into groups only when there are too few token tiles for the threads; a group
+  // re-transposes its tile, so groups stay large
+  int64_t ngroups = 1;
+  const int64_t nrg = (N + RG - 1) / RG;
+  if (ntiles < 2 * nthreads) ngroups = std::min<int64_t>(nrg, (2 * nthreads + ntiles - 1) / ntiles);
+  std::vector<int64_t> gstart(ngroups + 1);
+  {
+    // balance the groups by kept weights (plus one per row group for the write-back)
+    const int64_t total = nnz + nrg * RG;
+    int64_t g = 1, acc = 0;
+    gstart[0] = 0;
+    for (int64_t q = 0; q < nrg && g < ngroups; ++q) {
+      const int64_t n1 = std::min(N, (q + 1) * RG);
+      acc += rp[n1] - rp[q * RG] + RG;
+      if (acc >= total * g / ngroups) gstart[g++] = q + 1;
+    }
+    for (; g <= ngroups; ++g) gstart[g] = nrg;
+  }
+  const int64_t nitems = ntiles * ngroups;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> xt_store(K * TT + 16), buf_store(RG * TT + 16);
+    float* xt = xt_store.data();
+    float* buf = buf_store.data();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < nitems; ++w) {
+      const int64_t tile = w / ngroups, g = w % ngroups;
+      const int64_t t0 = tile * TT, mt = std::min<int64_t>(TT, T - t0);
+      transpose_tile(x, K, t0, mt, xt);
+      for (int64_t q = gstart[g]; q < gstart[g + 1]; ++q) {
+        const int64_t n0 = q * RG, nr = std::min<int64_t>(RG, N - n0);
+        rows_tile(xt, rp, ci, val, bias, n0, nr, buf);
+        write_back(buf, mt, nr, y, N, t0, n0);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                      const at::Tensor& values, const std::optional<at::Tensor>& bias_opt, int64_t in_features) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.is_contiguous(), "csr_linear: x must be a contiguous 2-D CPU tensor");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              "csr_linear: x must be float32, bfloat16 or float16, got ", st);
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(K == in_features, "csr_linear: x has ", K, " features, the weight expects ", in_features);
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous() && row_ptr.numel() >= 1,
+              "csr_linear: row_ptr must be a contiguous 1-D int32 tensor of N + 1 entries");
+  TORCH_CHECK(col_idx.scalar_type() == at::kInt && col_idx.dim() == 1 && col_idx.is_contiguous(),
+              "csr_linear: col_idx must be a contiguous 1-D int32 tensor");
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 1 && values.is_contiguous(),
+              "csr_linear: values must be a contiguous 1-D float32 tensor");
+  const int64_t N = row_ptr.numel() - 1;
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[N] <= col_idx.numel() && rp[N] <= values.numel(),
+              "csr_linear: row_ptr must start at 0 and end at most at len(col_idx) = len(values)");
+  const float* bias = nullptr;
+  at::Tensor bias_f;
+  if (bias_opt.has_value() && bias_opt->defined()) {
+    TORCH_CHECK(bias_opt->dim() == 1 && bias_opt->numel() == N, "csr_linear: bias must have N = ", N, " entries");
+    bias_f = bias_opt->to(at::kFloat).contiguous();
+    bias = bias_f.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({T, N}, x.options().dtype(at::kFloat));
+  if (T > 0 && N > 0) {
+    const int32_t* ci = col_idx.data_ptr<int32_t>();
+    const float* val = values.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    if (st == at::kFloat) {
+      csr_run(x.data_ptr<float>(), T, K, rp, ci, val, bias, N, yp);
+    } else if (st == at::kBFloat16) {
+      csr_run(x.data_ptr<at::BFloat16>(), T, K, rp, ci, val, bias, N, yp);
+    } else {
+      csr_run(x.data_ptr<at::Half>(), T, K, rp, ci, val, bias, N, yp);
+    }
+  }
+  return st == at::kFloat ? y : y.to(st);
+}
+
+}  // namespace capsparse
