@@ -52,6 +52,8 @@ def main(argv=None) -> int:
                    help="weight learning rate during the probe (0: only the scores move, so every criterion "
                         "masks the same weights)")
     p.add_argument("--score-lr", type=float, default=1e-2, help="score learning rate (official: 1e-2)")
+    p.add_argument("--anchor-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0],
+                   help="score_init_scale values of the anchored criterion (anchor = scale * standardised |W|)")
     p.add_argument("--eps", type=float, default=1e-8, help="AdamW eps of the score group (torch default 1e-8)")
     p.add_argument("--importance-stream", choices=("independent", "same"), default="independent",
                    help="batches that measure saliency: a second stream of training batches, or the scores' own")
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     anchors = {n: magnitude_anchor(m) for n, m in layers}  # weights are unchanged with --weight-lr 0
     criterion_scores = {
         "movement": learned,
-        "anchored": {n: anchors[n] + learned[n] for n in learned},
+        **{_anchored(sc): {n: sc * anchors[n] + learned[n] for n in learned} for sc in a.anchor_scales},
         "magnitude": {n: w.abs() for n, w in weights_now.items()},
         "random": rand,
         "signed-taylor": taylor,
@@ -170,9 +172,11 @@ def main(argv=None) -> int:
     # the 1% most salient weights of each matrix by |sum g * W| on the importance stream
     salient = {n: t.abs() >= t.abs().flatten().kthvalue(max(1, int(0.99 * t.numel()))).values
                for n, t in importance.items()}
+    criteria = [c for c in CRITERIA if c != "anchored"]
+    criteria[1:1] = [_anchored(sc) for sc in a.anchor_scales]
     rows = []
     for frac in a.fractions:
-        for crit in CRITERIA:
+        for crit in criteria:
             removed_salient, n_salient = 0, 0
             for n, m in layers:
                 keep = topk_mask(criterion_scores[crit][n], 1.0 - frac)
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
                   f"top-1% salient weights removed {100 * rows[-1]['salient_removed']:.1f}%", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"args": vars(a), "dense_accuracy": dense_acc, "rows": rows, "train_seconds": train_seconds,
+    result = {"args": vars(a), "criteria": criteria, "dense_accuracy": dense_acc, "rows": rows, "train_seconds": train_seconds,
               "second_moment": {"share_below_10eps": near_eps, "spearman_sqrt_v_saliency": rank_corr,
                                 "median_sqrt_v": median_root_v},
               "machine": machine_info(), "finished": dt.datetime.now().isoformat(timespec="seconds")}
@@ -195,10 +199,10 @@ def main(argv=None) -> int:
              f"{a.importance_stream} stream); masks applied with no retraining.",
              f"Score second moment: {100 * near_eps:.2f}% of scores below sqrt(v) = 10 eps; median sqrt(v) "
              f"{median_root_v:.3g}; Spearman(sqrt(v), saliency) {rank_corr:.3f}.", "",
-             "| pruned | " + " | ".join(CRITERIA) + " |", "|---|" + "---|" * len(CRITERIA)]
+             "| pruned | " + " | ".join(criteria) + " |", "|---|" + "---|" * len(criteria)]
     for frac in a.fractions:
         cells = []
-        for crit in CRITERIA:
+        for crit in criteria:
             r = next(r for r in rows if r["fraction_pruned"] == frac and r["criterion"] == crit)
             cells.append(f"{100 * r['dev_accuracy']:.1f}% ({100 * r['salient_removed']:.0f}%)")
         lines.append(f"| {100 * frac:.1f}% | " + " | ".join(cells) + " |")
@@ -207,6 +211,10 @@ def main(argv=None) -> int:
     (out / "probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _anchored(scale: float) -> str:
+    return f"anchored x{scale:g}"
 
 
 def _spearman(x, y) -> float:

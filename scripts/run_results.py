@@ -37,6 +37,12 @@ CONFIGS = {
     "capm-90": ("CAP-m", ["--method", "movement", "--cap", "--sparsity", "0.9"]),
     "movement-97": ("movement", ["--method", "movement", "--no-cap", "--sparsity", "0.97"]),
     "capm-97": ("CAP-m", ["--method", "movement", "--cap", "--sparsity", "0.97"]),
+    "movement-official-90": ("movement (official zero-start scores)",
+                             ["--method", "movement", "--no-cap", "--sparsity", "0.9",
+                              "--cap-option", "score_init_mode=constant"]),
+    "capm-official-90": ("CAP-m (official zero-start scores)",
+                         ["--method", "movement", "--cap", "--sparsity", "0.9",
+                          "--cap-option", "score_init_mode=constant"]),
     "block-90": ("block movement (32x32)", ["--method", "block-movement", "--block-size", "32", "--no-cap",
                                            "--sparsity", "0.9"]),
     "capblock-90": ("CAP + block movement (32x32)", ["--method", "block-movement", "--block-size", "32", "--cap",
@@ -46,9 +52,10 @@ CONFIGS = {
     "soft-90": ("soft movement", ["--method", "soft-movement", "--no-cap", "--sparsity", "0.9"]),
     "capsoft-90": ("CAP-soft", ["--method", "soft-movement", "--cap", "--sparsity", "0.9"]),
 }
-DEFAULT_CONFIGS = ["magnitude-90", "capmag-90", "block-90", "capblock-90", "movement-90", "capm-90", "movement-97",
-                   "capm-97"]
-PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("block-90", "capblock-90"),
+DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "magnitude-90", "capmag-90",
+                   "movement-official-90", "capm-official-90", "block-90", "capblock-90", "soft-90", "capsoft-90"]
+PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("movement-official-90", "capm-official-90"),
+         ("block-90", "capblock-90"),
          ("soft-90", "capsoft-90"), ("magnitude-90", "capmag-90")]
 
 
@@ -60,8 +67,9 @@ def log(msg: str) -> None:
 
 
 def budget_flags(a, train_examples: int) -> list:
-    return ["--task", "sst2", "--max-length", str(a.max_length), "--batch-size", str(a.batch_size),
-            "--max-train-examples", str(train_examples), "--eval-batch-size", "128", "--group-by-length"]
+    return ["--task", a.task, "--max-length", str(a.max_length), "--batch-size", str(a.batch_size),
+            "--max-train-examples", str(train_examples), "--eval-batch-size", "128", "--group-by-length",
+            *(["--glue-dir", a.glue_dir] if a.glue_dir else [])]
 
 
 def dense_cmd(a, seed: int) -> list:
@@ -82,20 +90,25 @@ def run_one(cmd: list, run_dir: Path, threads: int) -> bool:
     if _done(run_dir):
         log(f"skip {run_dir} (done)")
         return True
-    log_file = run_dir / "stdout.log"
+    # the script's own files sit beside the run directory: the CLI refuses to write into a non-empty one
+    log_file = run_dir.parent / f"{run_dir.name}.stdout.log"
     if log_file.is_file() and time.time() - log_file.stat().st_mtime < 240:
         log(f"skip {run_dir} (in progress in another process: {log_file} was written in the last 4 minutes)")
         return False
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     full = [sys.executable, "-m", "capsparse", *cmd, "--output-dir", str(run_dir), "--threads", str(threads)]
-    (run_dir / "command.txt").write_text(shlex.join(full) + "\n")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        full.append("--overwrite")  # an unfinished earlier attempt
+    (run_dir.parent / f"{run_dir.name}.command.txt").write_text(shlex.join(full) + "\n")
     log("start " + shlex.join(full[2:]))
     start = time.time()
     env = dict(os.environ, TQDM_MININTERVAL="10")
     if BACKEND:
         env["CAPSPARSE_BACKEND"] = BACKEND
     for attempt in range(2):  # one retry when killed by a signal (e.g. a shared .so rebuilt under a running job)
-        with open(run_dir / "stdout.log", "a" if attempt else "w") as out:
+        if attempt and "--overwrite" not in full:
+            full.append("--overwrite")
+        with open(log_file, "a" if attempt else "w") as out:
             proc = subprocess.run(full, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         if proc.returncode == 0 or proc.returncode > 0:
             break
@@ -116,8 +129,8 @@ def cmd_run(a) -> int:
     teacher_dir = out / "dense" / f"seed{a.teacher_seed}"
     teacher_cmd = dense_cmd(a, a.teacher_seed)
     # a teacher run still in progress (e.g. from an earlier invocation of this script): wait for it
-    while (teacher_dir / "stdout.log").is_file() and not _done(teacher_dir) \
-            and time.time() - (teacher_dir / "stdout.log").stat().st_mtime < 300:
+    teacher_log = teacher_dir.parent / f"{teacher_dir.name}.stdout.log"
+    while teacher_log.is_file() and not _done(teacher_dir) and time.time() - teacher_log.stat().st_mtime < 300:
         time.sleep(20)
     if not run_one(teacher_cmd, teacher_dir, a.threads * a.jobs):
         return 1
@@ -166,22 +179,30 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA", "qnli": "QNLI"}
+
+
+def _task_name(meta) -> str:
+    task = (meta or {}).get("budget", {}).get("task", "sst2")
+    return TASK_NAMES.get(task, task)
+
+
 def _plot_title(meta) -> str:
     budget = (meta or {}).get("budget", {})
     if not budget:
-        return "SST-2 dev, all-MiniLM-L6-v2"
-    return (f"SST-2 dev, all-MiniLM-L6-v2, {budget.get('steps')} steps x batch {budget.get('batch_size')} "
-            f"on {budget.get('train_examples')} sentences")
+        return f"{_task_name(meta)} dev, all-MiniLM-L6-v2"
+    return (f"{_task_name(meta)} dev, all-MiniLM-L6-v2, {budget.get('steps')} steps x batch "
+            f"{budget.get('batch_size')} on {budget.get('train_examples')} examples")
 
 
-def _majority_accuracy():
-    """Accuracy (%) of always predicting SST-2 dev's most frequent label; None when the data is not available."""
+def _majority_accuracy(task: str = "sst2", glue_dir=None):
+    """Accuracy (%) of always predicting the dev set's most frequent label; None when the data is not available."""
     try:
         from collections import Counter
 
         from capsparse.data.glue import load_glue
 
-        labels = load_glue("sst2", "validation")["label"]
+        labels = load_glue(task, "validation", glue_dir=glue_dir)["label"]
     except Exception:  # noqa: BLE001 - only a reference line on the plot
         return None
     return 100 * Counter(labels).most_common(1)[0][1] / len(labels)
@@ -195,12 +216,13 @@ def collect(out) -> dict:
     meta_path = out / "run_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     teacher_seed = (meta or {}).get("budget", {}).get("teacher_seed", 0)
+    task = (meta or {}).get("budget", {}).get("task", "sst2")
     per_seed = {}
     for name in names:
         d = out / name
         if not d.is_dir():
             continue
-        accs, sps, walls, sizes, seeds, steps = [], [], [], [], [], []
+        accs, f1s, sps, walls, cpus, sizes, seeds, steps = [], [], [], [], [], [], [], []
         for run in sorted(d.glob("seed*")):
             mpath = run / "metrics.json"
             if not mpath.is_file():
@@ -212,6 +234,9 @@ def collect(out) -> dict:
             accs.append(100 * m["eval"]["accuracy"])
             sps.append(m.get("sparsity", 0.0) or 0.0)
             walls.append(m.get("wall_seconds"))
+            cpus.append(m.get("cpu_seconds"))
+            if m["eval"].get("f1") is not None:
+                f1s.append(100 * m["eval"]["f1"])
             sizes.append(m.get("export_bytes"))
             steps.append(m.get("train_steps"))
             seeds.append(seed)
@@ -221,9 +246,12 @@ def collect(out) -> dict:
         label = CONFIGS[name][0] if name != "dense" else (
             "dense teacher" if len(accs) == 1 else f"dense (seed {teacher_seed} is the teacher)")
         mean, std = _mean_std(accs)
+        f1_mean, f1_std = _mean_std(f1s) if len(f1s) == len(accs) else (None, None)
         rows.append({"config": name, "method": label, "sparsity": statistics.fmean(sps), "n_seeds": len(accs),
                      "seeds": seeds, "accuracies": accs, "mean": mean, "std": std,
+                     "f1s": f1s if f1_mean is not None else None, "f1_mean": f1_mean, "f1_std": f1_std,
                      "wall_seconds_mean": statistics.fmean([w for w in walls if w is not None] or [0.0]),
+                     "cpu_seconds_mean": statistics.fmean([c for c in cpus if c is not None] or [0.0]),
                      "export_mb": (statistics.fmean([s for s in sizes if s]) / 1e6) if any(sizes) else None,
                      "train_steps": steps[0]})
     # paired differences (CAP - baseline) over the seeds both finished
@@ -242,19 +270,29 @@ def collect(out) -> dict:
     (out / "results.json").write_text(json.dumps(result, indent=2))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["config", "method", "sparsity", "n_seeds", "acc_mean", "acc_std", "accuracies", "export_mb",
-                    "wall_seconds_mean"])
+        w.writerow(["config", "method", "sparsity", "n_seeds", "acc_mean", "acc_std", "accuracies", "f1_mean",
+                    "f1_std", "export_mb", "wall_seconds_mean", "cpu_seconds_mean"])
         for r in rows:
+            f1 = r["f1_mean"] is not None
             w.writerow([r["config"], r["method"], f"{r['sparsity']:.4f}", r["n_seeds"], f"{r['mean']:.2f}",
                         f"{r['std']:.2f}", " ".join(f"{x:.2f}" for x in r["accuracies"]),
-                        "" if r["export_mb"] is None else f"{r['export_mb']:.1f}", f"{r['wall_seconds_mean']:.0f}"])
-    lines = ["| method | sparsity | SST-2 dev acc (mean ± std) | seeds | per-seed | export size | wall / run |",
-             "|---|---|---|---|---|---|---|"]
+                        f"{r['f1_mean']:.2f}" if f1 else "", f"{r['f1_std']:.2f}" if f1 else "",
+                        "" if r["export_mb"] is None else f"{r['export_mb']:.1f}", f"{r['wall_seconds_mean']:.0f}",
+                        f"{r['cpu_seconds_mean']:.0f}"])
+    has_f1 = any(r["f1_mean"] is not None for r in rows)
+    name = _task_name(meta)
+    lines = [f"| method | sparsity | {name} dev acc (mean ± std) | " + ("F1 (mean ± std) | " if has_f1 else "")
+             + "seeds | per-seed acc | export size | wall / run | CPU / run |",
+             "|---|---|---|" + ("---|" if has_f1 else "") + "---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['sparsity']:.1f}% | {r['mean']:.2f} ± {r['std']:.2f} | "
+        f1 = (f"{r['f1_mean']:.2f} ± {r['f1_std']:.2f} | " if r["f1_mean"] is not None else "- | ") if has_f1 else ""
+        lines.append(f"| {r['method']} | {100 * r['sparsity']:.1f}% | {r['mean']:.2f} ± {r['std']:.2f} | {f1}"
                      f"{r['n_seeds']} | {', '.join(f'{x:.1f}' for x in r['accuracies'])} | "
                      f"{'-' if r['export_mb'] is None else '%.1f MB' % r['export_mb']} | "
-                     f"{r['wall_seconds_mean'] / 60:.1f} min |")
+                     f"{r['wall_seconds_mean'] / 60:.1f} min | {r['cpu_seconds_mean'] / 60:.1f} min |")
+    majority = _majority_accuracy(task, (meta or {}).get("budget", {}).get("glue_dir"))
+    if majority is not None:
+        lines += ["", f"Majority class on {name} dev: {majority:.2f}% accuracy."]
     if diffs:
         lines += ["", "| CAP vs baseline (paired by seed) | seeds | CAP − baseline (points) | per seed |",
                   "|---|---|---|---|"]
@@ -267,10 +305,10 @@ def collect(out) -> dict:
 
         dense_row = next((r for r in rows if r["config"] == "dense"), None)
         plot_rows = [dict(r, method=r["method"]) for r in rows if r["config"] != "dense"]
-        plot_accuracy_vs_sparsity(plot_rows, out / "accuracy_vs_sparsity.png", metric="SST-2 dev accuracy (%)",
+        plot_accuracy_vs_sparsity(plot_rows, out / "accuracy_vs_sparsity.png", metric=f"{name} dev accuracy (%)",
                                   dense=dense_row and dense_row["mean"], title=_plot_title(result.get("meta")),
                                   dense_label=dense_row["method"] if dense_row else "dense",
-                                  majority=_majority_accuracy())
+                                  majority=majority)
     except Exception as exc:  # noqa: BLE001 - the tables matter more than the plot
         log(f"plot failed: {exc}")
     return result
@@ -283,12 +321,14 @@ def main(argv=None) -> int:
     r.add_argument("--out", default="runs/results", help="results directory")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (data subset + init)")
     r.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS), help="pruning runs")
-    r.add_argument("--train-examples", type=int, default=4000, help="SST-2 training subset per pruning run")
+    r.add_argument("--task", default="sst2", choices=sorted(TASK_NAMES), help="GLUE task (dev set evaluated)")
+    r.add_argument("--glue-dir", default=None, help="GLUE files (default: CAPSPARSE_GLUE_DIR or ../shared/glue)")
+    r.add_argument("--train-examples", type=int, default=4000, help="training subset per pruning run")
     r.add_argument("--steps", type=int, default=600, help="optimizer steps per pruning run")
     r.add_argument("--lr", type=float, default=1e-4, help="weight learning rate of the pruning runs")
     r.add_argument("--max-length", type=int, default=64, help="max tokens (dynamic padding)")
     r.add_argument("--batch-size", type=int, default=16, help="batch size")
-    r.add_argument("--teacher-examples", type=int, default=8000, help="SST-2 training subset for the teacher")
+    r.add_argument("--teacher-examples", type=int, default=8000, help="training subset for the teacher")
     r.add_argument("--teacher-steps", type=int, default=600, help="teacher fine-tuning steps")
     r.add_argument("--teacher-lr", type=float, default=1e-4, help="teacher learning rate")
     r.add_argument("--teacher-seed", type=int, default=0, help="seed of the shared teacher")
