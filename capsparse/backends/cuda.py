@@ -19,6 +19,7 @@ module imports fine on CPU-only machines and with a CPU build of torch.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -55,8 +56,18 @@ def is_available() -> Tuple[bool, str]:
     try:
         _C()
     except ImportError:
-        return False, _NOT_BUILT
+        return False, _NOT_BUILT + _build_error()
     return True, "capsparse._C_cuda (compile-checked only; kernels not yet verified on a GPU)"
+
+
+def _build_error() -> str:
+    """Why setup.py skipped the extension, if it recorded a failed build (``capsparse/_C_cuda_build_error.txt``)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_C_cuda_build_error.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f"; its build failed at install: {f.read().strip()[:300]}"
+    except OSError:
+        return ""
 
 
 def _index(t: torch.Tensor) -> torch.Tensor:
