@@ -34,6 +34,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
+from ._lazy import lazy_callbacks
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -684,20 +686,10 @@ def _make_callback_class():
                 verify_checkpoint(ckpt)
             self.last_manifested = str(ckpt)
 
-    AtomicCheckpointCallback.__module__ = __name__
     return AtomicCheckpointCallback
 
 
-_LAZY_CLASSES: Dict[str, object] = {}
-
-
-def __getattr__(name):
-    if name == "AtomicCheckpointCallback":
-        if name not in _LAZY_CLASSES:
-            _LAZY_CLASSES[name] = _make_callback_class()
-        return _LAZY_CLASSES[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_callbacks(__name__, AtomicCheckpointCallback=_make_callback_class)
 
 __all__ = ["CheckpointError", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
            "atomic_save_with", "fsync_dir", "write_manifest", "read_manifest", "verify_checkpoint",

@@ -28,6 +28,8 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from ._lazy import lazy_callbacks
+
 logger = logging.getLogger(__name__)
 
 POLICIES = ("skip", "stop")
@@ -254,20 +256,10 @@ def _make_callback_class():
             else:
                 self.guard.check_scores(model, state.global_step)
 
-    NanGuardCallback.__module__ = __name__
     return NanGuardCallback
 
 
-_LAZY: Dict[str, object] = {}
-
-
-def __getattr__(name):
-    if name == "NanGuardCallback":
-        if name not in _LAZY:
-            _LAZY[name] = _make_callback_class()
-        return _LAZY[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_callbacks(__name__, NanGuardCallback=_make_callback_class)
 
 __all__ = ["NonFiniteError", "POLICIES", "find_nonfinite", "is_finite_loss", "check_loss", "check_gradients",
            "check_values", "zero_grads", "NanGuard", "NanGuardCallback"]

@@ -76,7 +76,8 @@ def sparse_layout(tensors: Dict[str, torch.Tensor]) -> Dict[str, Optional[Tuple[
                              f"{list(value.shape)} (weight {list(weight.shape)})")
         if leaf == "mask":
             if value.shape != weight.shape:
-                raise ValueError(f"{key}: mask shape {list(value.shape)} differs from the weight's {list(weight.shape)}")
+                raise ValueError(f"{key}: mask shape {list(value.shape)} differs from the weight's "
+                                 f"{list(weight.shape)}")
             layout[name] = None
         else:
             (n, k), (r, c) = weight.shape, value.shape

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from .distributed import is_main_process, shutdown_distributed, world_size  # noqa: F401 (re-exported)
+from .distributed import rank as process_rank
+
 PathLike = Union[str, "os.PathLike[str]"]
 LOG_FILE = "run.log"
 CONFIG_FILE = "config.json"
@@ -50,48 +53,6 @@ def _jsonable(value: Any) -> Any:
 
         return _jsonable(dataclasses.asdict(value))
     return str(value)
-
-
-def _process_group():
-    """``torch.distributed`` when a default process group exists, else None."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def process_rank() -> int:
-    """This process's rank under ``torchrun`` (torch.distributed's, else the ``RANK`` variable torchrun sets
-    before the process group exists); 0 for a single process."""
-    dist = _process_group()
-    return dist.get_rank() if dist else int(os.environ.get("RANK", "0") or 0)
-
-
-def world_size() -> int:
-    """Number of processes of a ``torchrun`` launch (``WORLD_SIZE``); 1 for a single process."""
-    dist = _process_group()
-    return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def shutdown_distributed() -> None:
-    """Wait for every process, destroy the default process group and free it now; a no-op without one.
-
-    Call it once at the end of a ``torchrun`` script (the CLI does), after dropping the trainer (``del trainer``):
-    the DDP-wrapped model keeps the gloo group alive, and a group still alive when Python finalizes can abort the
-    process ("terminate called without an active exception": a gloo worker thread that needs the GIL during
-    finalization is unwound through C++ code that may not throw).
-    """
-    import gc
-
-    dist = _process_group()
-    if dist:
-        dist.barrier()
-        dist.destroy_process_group()
-        gc.collect()  # the last references (DDP reducer) often sit in cycles: free the group and join its threads
-
-
-def is_main_process() -> bool:
-    """True on rank 0: the one process that writes a run's files (config, metrics, log, model, export, plots)."""
-    return process_rank() == 0
 
 
 def write_json(path: PathLike, data: Any) -> Path:

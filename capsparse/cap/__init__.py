@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from ..runlog import shutdown_distributed
+from ..distributed import shutdown_distributed
 from .banks import BankSet, MemoryBank, encode_pass, estimate_bank_bytes
 from .config import RECIPE_TRAINING, RECIPES, CAPConfig
 from .losses import RepresentationTap, cap_objective, kd_loss

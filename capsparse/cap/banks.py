@@ -13,6 +13,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..distributed import process_group
 from ..resources import available_gpu_memory, available_ram
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -180,16 +181,9 @@ class BankSet:
 
 
 # -- encoding passes ---------------------------------------------------------------------------------------
-def _dist():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
 def shard_indices(n: int) -> torch.Tensor:
     """This process's contiguous slice of ``0..n-1`` (all of it without torch.distributed)."""
-    dist = _dist()
+    dist = process_group(multi=True)
     if dist is None:
         return torch.arange(n)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -199,7 +193,7 @@ def shard_indices(n: int) -> torch.Tensor:
 
 def all_gather_rows(ids: torch.Tensor, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gather ``(ids [n_r], rows [n_r, ...])`` from all processes (padded to the largest shard)."""
-    dist = _dist()
+    dist = process_group(multi=True)
     if dist is None:
         return ids, rows
     world = dist.get_world_size()

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoint import AtomicCheckpointCallback, resolve_resume_checkpoint
+from ..distributed import process_group, rank
 from ..guards import NanGuardCallback
 from ..pruning.embeddings import freeze_embeddings
 from ..pruning.pruners import SCORE_ATTR, build_pruner
@@ -28,7 +29,7 @@ from ..pruning.schedule import CubicSchedule
 from ..pruning.structured import StructuredMasks, compact_model, prune_count, select_units
 from ..resources import GracefulStopCallback
 from ..surgery import exact_state_dict, sparse_layers, sparsify
-from .banks import BankSet, _dist, encode_pass, shard_indices
+from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
 from .losses import QA_PAD_LOGIT, RepresentationTap, cap_objective, task_loss
 
@@ -390,7 +391,7 @@ class CAPTrainer(transformers.Trainer):
         labels = self._contrastive_labels(self._train_labels) if self.cap_config.w_s > 0 else None
         return BankSet.allocate(self.n_examples, self.model.config.hidden_size, reps, self.cap_config.bank_dtype,
                                 self.cap_config.bank_device, self.args.device, labels=labels,
-                                seed=self.args.seed + 17 * _rank())
+                                seed=self.args.seed + 17 * rank())
 
     def _build_banks(self, state):
         cfg = self.cap_config
@@ -455,7 +456,7 @@ class CAPTrainer(transformers.Trainer):
                                                    self._encode_loader(limit=cfg.importance_batches,
                                                                        batch_size=self.importance_batch_size))
         self.model.train(was)
-        dist = _dist()
+        dist = process_group(multi=True)
         if dist is not None:
             dist.all_reduce(imp_h)
             dist.all_reduce(imp_n)
@@ -606,9 +607,9 @@ class CAPTrainer(transformers.Trainer):
         out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             torch.save(self._cap_state(), os.path.join(out, CAP_STATE_NAME))
-        if self.banks is not None and _dist() is not None:  # each process samples its own extras
+        if self.banks is not None and process_group(multi=True) is not None:  # each process samples its extras
             os.makedirs(out, exist_ok=True)
-            torch.save(self.banks.generator.get_state(), os.path.join(out, f"cap_rng_{_rank()}.pt"))
+            torch.save(self.banks.generator.get_state(), os.path.join(out, f"cap_rng_{rank()}.pt"))
 
     def _load_cap_state(self, checkpoint: str):
         path = os.path.join(checkpoint, CAP_STATE_NAME)
@@ -619,7 +620,7 @@ class CAPTrainer(transformers.Trainer):
         if state["banks"] is not None:
             self.banks = self._allocate_banks(state["bank_reps"])
             self.banks.load_state_dict(state["banks"])
-            rng = os.path.join(checkpoint, f"cap_rng_{_rank()}.pt")
+            rng = os.path.join(checkpoint, f"cap_rng_{rank()}.pt")
             if os.path.isfile(rng):
                 self.banks.generator.set_state(torch.load(rng, weights_only=True))
         self.snapshot_epochs = set(state["snapshot_epochs"])
@@ -643,11 +644,6 @@ class CAPTrainer(transformers.Trainer):
         if self.pruner is not None:
             self.pruner.remove()
         self.tap.remove()
-
-
-def _rank() -> int:
-    dist = _dist()
-    return dist.get_rank() if dist is not None else 0
 
 
 def is_qa_model(model) -> bool:
