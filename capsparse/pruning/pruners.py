@@ -21,58 +21,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..backends.registry import get_backend, resolve_backend
 from ..layout import check_sparsity, kept_count_for_density, topk_mask
 from ..nn.sparse_linear import SparseLinear
 from ..surgery import sparse_layers
+from .score_grad import MovementScoreFunction, _block_sum  # noqa: F401  (re-exported)
 
 SCORE_ATTR = "movement_scores"
 BLOCK_SCORE_MODES = ("exact", "fast")
 #: "magnitude": scores start at the per-matrix standardised |W| (robust at short budgets, the default);
 #: "constant": every score starts at ``score_init`` (official: 0.0)
 SCORE_INIT_MODES = ("magnitude", "constant")
-
-
-def _block_sum(t: torch.Tensor, block_size: Tuple[int, int]) -> torch.Tensor:
-    n, k = t.shape
-    bm, bk = block_size
-    return t.reshape(n // bm, bm, k // bk, bk).sum(dim=(1, 3))
-
-
-class MovementScoreFunction(torch.autograd.Function):
-    """Identity on the layer output; backward sends ``(dL/dW') * W`` to the scores.
-
-    ``dL/dW' = g^T x`` is formed densely (``mode="exact"``), or for block layouts only on the kept
-    blocks with the block-sparse dW primitive (``mode="fast"``: pruned blocks get no score gradient).
-    """
-
-    @staticmethod
-    def forward(ctx, output, x, weight, scores, layer: SparseLinear, mode: str):
-        ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.mode = layer, mode
-        ctx.layout = layer.layout if (mode == "fast" and layer.block_size is not None) else None
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_scores = None
-        if ctx.needs_input_grad[3]:
-            x, weight = ctx.saved_tensors
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1])
-            if ctx.layout is not None:
-                layout = ctx.layout
-                name = resolve_backend(x.device, ctx.layer.backend, op="block movement scores")
-                bm, bk = layout.block_size
-                grad_wp = get_backend(name).bsl_grad_weight(g2.to(x2.dtype).contiguous(), x2.contiguous(),
-                                                            layout.block_rows, layout.block_cols, layout.nnz, bm, bk)
-            else:
-                grad_wp = g2.t().to(weight.dtype) @ x2.to(weight.dtype)
-            prod = grad_wp.float() * weight.float()
-            if ctx.layer.block_size is not None:
-                prod = _block_sum(prod, ctx.layer.block_size)
-            grad_scores = prod
-        return grad_out, None, None, grad_scores, None, None
 
 
 def _score_shape(layer: SparseLinear) -> torch.Size:
