@@ -407,7 +407,7 @@ DISTRIBUTED_COMMANDS = ("finetune", "prune")
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from .runlog import world_size
+    from .distributed import world_size
 
     if world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
         raise CLIError(f"`capsparse {args.command}` runs in one process, but this is a launch of {world_size()} "
@@ -439,7 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         code = dispatch(args)
-        from .runlog import shutdown_distributed  # under torchrun: every rank leaves together
+        from .distributed import shutdown_distributed  # under torchrun: every rank leaves together
 
         shutdown_distributed()
         return code

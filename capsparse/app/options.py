@@ -312,7 +312,9 @@ def _check_output_dir(o: Dict[str, Any], command: Optional[str]) -> None:
     _need(isinstance(out, str) and out.strip() != "", "output_dir", out, "a directory path")
     path = Path(out)
     _need(not path.exists() or path.is_dir(), "output_dir", out, "a directory (it is a file)")
-    if command in (None, "demo"):
+    from ..distributed import is_main_process
+
+    if command in (None, "demo") or not is_main_process():  # other ranks see the directory rank 0 started
         return
     if resume:
         if not (path / "config.json").is_file():

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..runlog import RunDir, get_logger, process_rank, read_json, write_json
+from ..distributed import is_main_process, rank
+from ..runlog import RunDir, get_logger, read_json, write_json
 from .options import OptionError, default_output_dir
 
 log = get_logger("app")
@@ -35,7 +36,7 @@ def start_run(o: Dict[str, Any], command: str, name: str, label: Optional[str] =
     o["output_dir"] = str(out)
     if o.get("resume"):
         _check_resumable(out, o)
-    elif o.get("overwrite") and out.exists():
+    elif o.get("overwrite") and out.exists() and is_main_process():  # rank 0 alone writes the run's files
         shutil.rmtree(out)
     run = RunDir(out, command=command)
     if not o.get("resume"):
@@ -146,7 +147,7 @@ def finish_run(run: RunDir, trainer, train_out, started: float, plot_target=None
 def other_rank_result(command: str, trainer) -> Dict[str, Any]:
     """What a rank other than 0 returns after training: rank 0 alone evaluates and writes the run's files (the
     evaluation loop uses no collectives, so the other ranks only wait for it at the end of the command)."""
-    return {"command": command, "rank": process_rank(), "train_steps": trainer.state.global_step,
+    return {"command": command, "rank": rank(), "train_steps": trainer.state.global_step,
             "note": "rank 0 evaluates and writes the run's files"}
 
 
