@@ -67,6 +67,7 @@ def test_finetune_prune_eval_predict_export(tiny_model_dir, tmp_path, capsys):
     assert metrics["method"] == "CAP-m" and metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert 0.0 <= metrics["eval"]["accuracy"] <= 1.0 and metrics["eval"]["num_examples"] == 64
     assert (run / "sparsity.png").is_file() and (run / "losses.png").is_file() and (run / "run.log").is_file()
+    assert not (run / "trainer").exists() and not (run / "checkpoints").exists()  # no empty Trainer directory
     history = json.loads((run / "log_history.json").read_text())
     assert any("sparsity" in h for h in history)
     export_dir = run / "compressed"
@@ -201,20 +202,30 @@ def test_demo_tiny_budget(tiny_model_dir, tmp_path, capsys):
     for row in metrics["rows"][1:]:
         assert row["sparsity"] == pytest.approx(0.9, abs=0.01) and 0 < row["bytes"] < metrics["rows"][0]["bytes"]
     table = (out / "demo_table.md").read_text()
-    assert table.count("\n") == 5 and "CAP-m" in table
+    assert "CAP-m" in table and "| vs majority class |" in table
     for sub in ("teacher", "cap-m", "movement"):
         assert (out / sub / "metrics.json").is_file()
-    printed = capsys.readouterr().out
-    assert "Full-size recipe" in printed
-    # the collapse hint appears exactly when a pruned model sits at the majority-class share of the dev subset
+    captured = capsys.readouterr()
+    assert "Full-size recipe" in captured.out
+    # the table carries the majority-class share and the CAP - baseline difference, as measured
     from capsparse.app.demo import _majority_share
     import transformers as tf
 
     share = _majority_share(tf.AutoTokenizer.from_pretrained(tiny_model_dir),
                             {"glue_dir": None, "max_length": 64, "seed": 3}, 48)
-    assert 0.5 <= share <= 1.0
-    collapsed = any(abs(r["accuracy"] - share) < 0.01 for r in metrics["rows"][1:])
-    assert ("predicts one class" in printed) == collapsed
+    assert 0.5 <= share <= 1.0 and metrics["majority_share"] == pytest.approx(share)
+    assert f"Majority-class share of the evaluated dev examples: {100 * share:.2f}%." in table
+    gain = metrics["rows"][1]["accuracy"] - metrics["rows"][2]["accuracy"]
+    assert metrics["cap_minus_baseline"] == pytest.approx(gain)
+    assert f"CAP - baseline (CAP-m minus movement, same budget and seed): {100 * gain:+.2f} points." in table
+    for row in metrics["rows"]:
+        assert f"| {100 * row['accuracy']:.2f} | {100 * (row['accuracy'] - share):+.2f} |" in table
+    # the collapse warning goes to stderr exactly when a pruned model sits at the majority-class share
+    collapsed = any(r["accuracy"] - share < 0.01 for r in metrics["rows"][1:])
+    assert ("predicts one class" in captured.err) == collapsed and "predicts one class" not in captured.out
+    for name in ("docs/", ".md"):
+        for ref in [w for w in captured.out.split() if name in w]:
+            assert (Path(__file__).resolve().parents[1] / ref.strip("().,:;'")).exists(), ref
 
 
 @needs_glue
@@ -223,17 +234,21 @@ def test_movement_probe_script(tiny_model_dir, tmp_path):
     probe = load_script("movement_probe")
     out = tmp_path / "probe"
     assert probe.main(["--model", str(tiny_model_dir), "--out", str(out), "--steps", "3", "--train-examples", "64",
-                       "--fractions", "0.25", "0.5", "--max-length", "32", "--threads", "1"]) == 0
+                       "--fractions", "0.25", "0.5", "--max-length", "32", "--threads", "1",
+                       "--importance-stream", "same", "--anchor-scales", "1", "4"]) == 0
     result = json.loads((out / "probe.json").read_text())
+    assert result["criteria"][:3] == ["movement", "anchored x1", "anchored x4"]
+    moment = result["second_moment"]
+    assert 0.0 <= moment["share_below_10eps"] <= 1.0 and -1.0 <= moment["spearman_sqrt_v_saliency"] <= 1.0
     rows = result["rows"]
     assert [(r["fraction_pruned"], r["criterion"]) for r in rows] == [(f, c) for f in (0.25, 0.5)
-                                                                       for c in probe.CRITERIA]
+                                                                       for c in result["criteria"]]
     for r in rows:
         assert 0.0 <= r["dev_accuracy"] <= 1.0 and 0.0 <= r["salient_removed"] <= 1.0
         if r["criterion"] == "abs-taylor":  # ranks by the saliency itself: the top 1% is always kept
             assert r["salient_removed"] == 0.0
     table_rows = [line for line in (out / "probe.md").read_text().splitlines() if line.startswith(("| 25.0%", "| 50.0%"))]
-    assert len(table_rows) == 2 and all(line.count("|") == len(probe.CRITERIA) + 2 for line in table_rows)
+    assert len(table_rows) == 2 and all(line.count("|") == len(result["criteria"]) + 2 for line in table_rows)
     with pytest.raises(SystemExit):
         probe.main(["--model", str(tiny_model_dir), "--fractions", "1.5"])
 

@@ -23,7 +23,8 @@ from ..data.squad import is_squad_task
 from ..runlog import RunDir, get_logger, write_json
 from . import tasks
 from .options import OptionError, build_cap_config, default_output_dir, fit_schedule, method_label, resolve
-from .run import (finish_run, other_rank_result, run_callbacks, start_run, train, training_arguments, untimed)
+from .run import (clear_if_overwrite, finish_run, other_rank_result, run_callbacks, start_run, train,
+                  training_arguments, untimed)
 from .tasks import get_task, load_squad_split, make_collator, make_compute_metrics, squad_source
 
 log = get_logger("app")
@@ -132,10 +133,7 @@ def _output_run(o: Dict[str, Any], command: str) -> Optional[RunDir]:
     if not o.get("output_dir"):
         return None
     out = Path(o["output_dir"])
-    if o.get("overwrite") and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    clear_if_overwrite(out, o)
     run = RunDir(out, command=command)
     run.write_config(o)
     return run
@@ -211,10 +209,7 @@ def export(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, A
                     bm, bk = mod.block_size
                     n, k = nz.shape
                     mod.set_mask(nz.reshape(n // bm, bm, k // bk, bk).any(3).any(1))
-    if o.get("overwrite") and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    clear_if_overwrite(out, o)
     meta = export_compressed(model, out, tokenizer=tokenizer, values_dtype=torch.float16 if o.get("fp16") else None,
                              extra_metadata={"source": str(src)})
     print(f"exported {src} -> {out}: sparsity {meta['sparsity']:.4f}, {meta['file_bytes'] / 1e6:.2f} MB "

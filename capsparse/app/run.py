@@ -36,13 +36,20 @@ def start_run(o: Dict[str, Any], command: str, name: str, label: Optional[str] =
     o["output_dir"] = str(out)
     if o.get("resume"):
         _check_resumable(out, o)
-    elif o.get("overwrite") and out.exists() and is_main_process():  # rank 0 alone writes the run's files
-        shutil.rmtree(out)
+    else:
+        clear_if_overwrite(out, o)
     run = RunDir(out, command=command)
     if not o.get("resume"):
         run.write_config(o, **extra)
     seed_everything(o["seed"])
     return run
+
+
+def clear_if_overwrite(out: Path, o: Dict[str, Any]) -> None:
+    """With ``--overwrite``, remove ``out`` whole before anything is written to it (options.py has checked that it
+    is a capsparse run directory or export); rank 0 alone writes a run's files."""
+    if o.get("overwrite") and out.exists() and is_main_process():
+        shutil.rmtree(out)
 
 
 def _check_resumable(out: Path, o: Dict[str, Any]) -> None:
