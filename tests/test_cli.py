@@ -173,3 +173,26 @@ def test_rundir_writes_only_on_rank_zero(tmp_path, monkeypatch):
     main.write_config({"a": 1})
     main.update_metrics(x=1)
     assert {p.name for p in (tmp_path / "r0").iterdir()} >= {"config.json", "metrics.json", "run.log"}
+
+
+def test_predict_output_dir_writes_the_predictions(tmp_path, capsys):
+    """`predict --output-dir` takes effect: predictions.jsonl holds what was printed, config.json the options."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from _tiny import tiny_config
+
+    from capsparse.models import default_model_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny"
+    transformers.BertForSequenceClassification(tiny_config(vocab=tok.vocab_size)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "pred"
+    code, printed, _ = run_main(["predict", "--model", str(model_dir), "--text", "a fine film", "--text", "dull",
+                                 "--task", "sst2", "--json", "--output-dir", str(out)], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(line) for line in printed.strip().splitlines()] and len(rows) == 2
+    assert {r["label"] for r in rows} <= {"negative", "positive"}
+    assert json.loads((out / "config.json").read_text())["options"]["text"] == ["a fine film", "dull"]
