@@ -1,5 +1,6 @@
 """Bad CLI inputs, as a table: each exits with status 2 and one stderr line naming the argument or file, never a
-traceback; those whose check needs no model fail before any model is loaded and leave no run directory.
+traceback, and none leaves a run directory or export behind; those whose check needs no model fail before any
+model is loaded.
 
 The models are tiny random BERTs (tests/_tiny.py) with the bundled tokenizer, so the whole table runs in seconds.
 """
@@ -225,8 +226,7 @@ def test_bad_input(case, base, tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err
     assert len(lines) == 1, lines
     assert needle in lines[0], lines[0]
-    if model_free:  # refused before anything was written
-        assert set(tmp_path.iterdir()) == before
+    assert set(tmp_path.iterdir()) == before  # refused before any run directory or export was written
 
 
 def test_no_silent_override_in_config_json(base, tmp_path):

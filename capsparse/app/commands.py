@@ -23,8 +23,8 @@ from ..data.squad import is_squad_task
 from ..runlog import RunDir, get_logger, write_json
 from . import tasks
 from .options import OptionError, build_cap_config, default_output_dir, fit_schedule, method_label, resolve
-from .run import (clear_if_overwrite, finish_run, other_rank_result, run_callbacks, start_run, train,
-                  training_arguments, untimed)
+from .run import (clear_if_overwrite, finish_run, open_run, other_rank_result, plan_run, run_callbacks,
+                  seed_everything, train, training_arguments, untimed)
 from .tasks import get_task, load_squad_split, make_collator, make_compute_metrics, squad_source
 
 log = get_logger("app")
@@ -36,10 +36,12 @@ def finetune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
 
     o = resolve(options, "finetune", **overrides)
     t = get_task(o["task"])
+    plan_run(o, "finetune", t.name)
     raw = tasks.load_raw(t, o)  # missing or bad data fails before any model is loaded
-    run = start_run(o, "finetune", t.name)
     started = time.perf_counter()
+    seed_everything(o["seed"])
     model, tokenizer = tasks.load_model(t, o["model"])
+    run = open_run(o, "finetune")  # only now: a model that cannot be loaded leaves no run directory
     train_set, dev, data_desc = tasks.featurize(t, tokenizer, o, raw)
     args, total = training_arguments(o, run.path, len(train_set))
     log.info("finetune %s: %s, %d steps, lr %g, batch %d, max_length %d", t.name, data_desc, total,
@@ -79,12 +81,14 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
     tasks.check_labels_before_loading("--model", o["model"], t)
     if o["teacher"]:
         tasks.check_labels_before_loading("--teacher", o["teacher"], t)
-    raw = tasks.load_raw(t, o)  # missing or bad data fails before any model is loaded
     label = method_label(cap_config)
-    run = start_run(o, "prune", t.name, label=label, cap_config=cap_config.to_dict())
+    plan_run(o, "prune", t.name, label=label)
+    raw = tasks.load_raw(t, o)  # missing or bad data fails before any model is loaded
     started = time.perf_counter()
+    seed_everything(o["seed"])
     model, tokenizer = tasks.load_model(t, o["model"])
     teacher = tasks.load_teacher(o["teacher"], t) if o["teacher"] else None
+    run = open_run(o, "prune", cap_config=cap_config.to_dict())  # only now: bad models leave no run directory
     if teacher is None and (cap_config.w_kd > 0 or "fic" in cap_config.active_banks):
         log.warning("no --teacher: CAPTrainer first fine-tunes a dense copy for teacher_epochs=%g epochs (set "
                     "--teacher to reuse one, or --cap-option w_kd=0 with --no-cap for no teacher)",

@@ -29,19 +29,27 @@ def _comparable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def start_run(o: Dict[str, Any], command: str, name: str, label: Optional[str] = None, **extra: Any) -> RunDir:
-    """The run directory of ``o`` (``o["output_dir"]``, else ``runs/<command>[-label]-<name>-<time>``): replaced
-    first with ``--overwrite``; with ``--resume`` the options must equal its ``config.json``'s. Seeds everything."""
+def plan_run(o: Dict[str, Any], command: str, name: str, label: Optional[str] = None) -> Path:
+    """The run directory of ``o`` (``o["output_dir"]``, else ``runs/<command>[-label]-<name>-<time>``; set in
+    ``o``), checked but not touched: with ``--resume`` its ``config.json`` must hold the same options. Call it
+    before loading anything, and :func:`open_run` once the models are loaded, so that a bad input leaves no run
+    directory behind."""
     out = Path(o["output_dir"] or default_output_dir(f"{command}-{label}" if label else command, name))
     o["output_dir"] = str(out)
     if o.get("resume"):
         _check_resumable(out, o)
-    else:
+    return out
+
+
+def open_run(o: Dict[str, Any], command: str, **extra: Any) -> RunDir:
+    """Create (with ``--overwrite``: replace) or reopen (``--resume``) the planned run directory; a new run gets
+    its ``config.json``."""
+    out = Path(o["output_dir"])
+    if not o.get("resume"):
         clear_if_overwrite(out, o)
     run = RunDir(out, command=command)
     if not o.get("resume"):
         run.write_config(o, **extra)
-    seed_everything(o["seed"])
     return run
 
 
