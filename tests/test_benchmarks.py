@@ -234,3 +234,19 @@ def test_headline_random_block_mask_is_exact():
     mod = load("bench_headline")
     m = mod.random_block_mask(96, 64, 32, 0.5, torch.Generator().manual_seed(0))
     assert m.shape == (3, 2) and int(m.sum()) == 3
+
+
+def test_cap_step_profile_quick(tmp_path):
+    mod = load("profile_cap_step")
+    report = mod.main(["--quick", "--reps", "1", "--warmup", "0", "--output-dir", str(tmp_path), "--no-plot"])
+    data = _read(tmp_path, "cap_step_profile-quick", png=False)
+    rows = {(r["variant"], r["phase"]): r for r in data["rows"]}
+    for variant in ("CAP block32, exact scores", "CAP block32, sampled scores"):
+        for phase in mod.PHASES:
+            assert rows[(variant, phase)]["median_ms"] > 0, (variant, phase)
+        assert rows[(variant, "score gradient (in backward)")]["median_ms"] < rows[(variant, "backward")]["median_ms"]
+    assert rows[("dense fine-tune", "score gradient (in backward)")]["median_ms"] == 0
+    from capsparse.pruning import score_grad
+    assert score_grad.MovementScoreFunction.backward.__name__ == "backward"  # the wrapper was removed
+    assert "original" not in score_grad.MovementScoreFunction.backward.__code__.co_freevars
+    assert report.name == "cap_step_profile"

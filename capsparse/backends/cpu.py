@@ -59,11 +59,22 @@ def is_available() -> Tuple[bool, str]:
     return True, "capsparse._C " + _C().simd_info()
 
 
+_SIMD: Optional[str] = None
+
+
+def _simd_level() -> str:
+    """``avx512f`` / ``avx2+fma`` / ``scalar``: the vector code the extension was built with (cached)."""
+    global _SIMD
+    if _SIMD is None:
+        _SIMD = _C().simd_info().split()[0]
+    return _SIMD
+
+
 def _dense_above(bm: int, bk: int) -> float:
     env = os.environ.get("CAPSPARSE_CPU_DENSE_ABOVE")
     if env:
         return float(env)
-    table = DENSE_ABOVE.get(_C().simd_info().split()[0], {})
+    table = DENSE_ABOVE.get(_simd_level(), {})
     return table.get(min(bm, bk), _DEFAULT_DENSE_ABOVE)
 
 
@@ -191,7 +202,7 @@ def _csr_below() -> float:
     env = os.environ.get("CAPSPARSE_CPU_CSR_BELOW")
     if env:
         return float(env)
-    return CSR_BELOW.get(_C().simd_info().split()[0], 0.0)
+    return CSR_BELOW.get(_simd_level(), 0.0)
 
 
 # W * M tensor -> (its version, CSRWeight or None when too dense); dies with the tensor

@@ -1,9 +1,10 @@
 // Element-sparse (CSR) linear for inference: y[T, N] = x[T, K] @ W^T (+ bias), W in CSR with fp32 values.
 //
 // Work items are (token tile of TT tokens) x (group of output rows). For a tile, x is transposed once
-// into xt[K][TT] (fp32, zero-padded), so each kept weight w[n, k] costs TT/VW fused multiply-adds on a
-// contiguous row of xt: acc[0:TT] += w[n, k] * xt[k, 0:TT]. 16 output rows are gathered in a small
-// buffer and written back transposed (8 x 8 register transposes on AVX2/AVX-512). Each output element
+// into xt[K][TT] (fp32, zero-padded; in column chunks that fit the L2 when K is large), so each kept
+// weight w[n, k] costs TT/VW fused multiply-adds on a contiguous row of xt:
+// acc[0:TT] += w[n, k] * xt[k, 0:TT]. The rows' sums are written back transposed, 16 rows at a time
+// (8 x 8 register transposes on AVX2/AVX-512). Each output element
 // is summed by one thread in CSR order, so results do not depend on the number of threads.
 // bf16 / fp16 inputs are converted to fp32 in the transpose and the output is rounded back.
 #include "common.h"
@@ -21,42 +22,52 @@ namespace {
 
 constexpr int TT = 64;          // tokens per tile: TT / VW independent accumulators per output row
 constexpr int NA = TT / VW;     // accumulators
-constexpr int RG = 16;          // output rows gathered before the transposed write-back
+constexpr int RG = 16;          // output rows per group (the unit of the transposed write-back)
+constexpr int64_t kXtBytes = 160 << 10;  // transposed x chunk per thread: fits the L2 with the partial sums
 
 int csr_threads() { return std::max(1, at::get_num_threads()); }
 
 template <typename in_t>
 inline float to_f32(in_t v) { return static_cast<float>(v); }
 
-// xt[k * TT + i] = x[(t0 + i) * K + k] for i < mt, 0 for mt <= i < TT
+// xt[(k - k0) * TT + i] = x[(t0 + i) * K + k] for k in [k0, k1), i < mt; 0 for mt <= i < TT
 template <typename in_t>
-void transpose_tile(const in_t* x, int64_t K, int64_t t0, int64_t mt, float* xt) {
-  if (mt < TT) std::memset(xt, 0, sizeof(float) * K * TT);
+void transpose_tile(const in_t* x, int64_t K, int64_t t0, int64_t mt, int64_t k0, int64_t k1, float* xt) {
+  if (mt < TT) std::memset(xt, 0, sizeof(float) * (k1 - k0) * TT);
   constexpr int64_t KB = 64;  // k-chunk: keeps the TT source rows' chunks in L1
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
-    const int64_t k1 = std::min(K, k0 + KB);
+  for (int64_t kb = k0; kb < k1; kb += KB) {
+    const int64_t ke = std::min(k1, kb + KB);
     for (int64_t i = 0; i < mt; ++i) {
       const in_t* src = x + (t0 + i) * K;
-      for (int64_t k = k0; k < k1; ++k) xt[k * TT + i] = to_f32(src[k]);
+      for (int64_t k = kb; k < ke; ++k) xt[(k - k0) * TT + i] = to_f32(src[k]);
     }
   }
 }
 
-// rows [n0, n0 + nr) of the tile: buf[r * TT + i] = bias[n] + sum_p val[p] * xt[col[p] * TT + i]
+// rows [n0, n0 + nr) of the tile, the kept weights with columns in [k0, k1) (cursor cur[r] into each row):
+// buf[r * TT + i] (+)= sum_p val[p] * xt[(col[p] - k0) * TT + i], starting from the bias on the first chunk
 inline void rows_tile(const float* xt, const int32_t* rp, const int32_t* ci, const float* val, const float* bias,
-                      int64_t n0, int64_t nr, float* buf) {
+                      int64_t n0, int64_t nr, int64_t k0, int64_t k1, bool first, int32_t* cur, float* buf) {
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t n = n0 + r;
     vf acc[NA];
-    const vf b = bias ? vbcast(bias + n) : vzero();
+    if (first) {
+      const vf b = bias ? vbcast(bias + n) : vzero();
 #pragma GCC unroll 16
-    for (int a = 0; a < NA; ++a) acc[a] = b;
-    for (int32_t p = rp[n]; p < rp[n + 1]; ++p) {
+      for (int a = 0; a < NA; ++a) acc[a] = b;
+    } else {
+#pragma GCC unroll 16
+      for (int a = 0; a < NA; ++a) acc[a] = vload(buf + r * TT + a * VW);
+    }
+    int32_t p = first ? rp[n] : cur[r];
+    const int32_t end = rp[n + 1];
+    for (; p < end && ci[p] < k1; ++p) {
       const vf w = vbcast(val + p);
-      const float* xr = xt + (int64_t)ci[p] * TT;
+      const float* xr = xt + ((int64_t)ci[p] - k0) * TT;
 #pragma GCC unroll 16
       for (int a = 0; a < NA; ++a) acc[a] = vfma(w, vload(xr + a * VW), acc[a]);
     }
+    cur[r] = p;
 #pragma GCC unroll 16
     for (int a = 0; a < NA; ++a) vstore(buf + r * TT + a * VW, acc[a]);
   }
@@ -128,21 +139,29 @@ void csr_run(const in_t* x, int64_t T, int64_t K, const int32_t* rp, const int32
     for (; g <= ngroups; ++g) gstart[g] = nrg;
   }
   const int64_t nitems = ntiles * ngroups;
+  // columns are processed in chunks whose transposed tile stays in L2 (wide inputs such as FFN-down);
+  // the partial sums of the item's rows wait in acc between chunks (same summation order as one pass)
+  const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(K, kXtBytes / (TT * (int64_t)sizeof(float))));
+  int64_t max_rows = 0;
+  for (int64_t g = 0; g < ngroups; ++g) max_rows = std::max(max_rows, std::min(N, gstart[g + 1] * RG) - gstart[g] * RG);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> xt_store(K * TT + 16), buf_store(RG * TT + 16);
+    std::vector<float> xt_store(KC * TT + 16), acc_store(std::max<int64_t>(max_rows, 1) * TT + 16);
+    std::vector<int32_t> cur(std::max<int64_t>(max_rows, 1));
     float* xt = xt_store.data();
-    float* buf = buf_store.data();
+    float* acc = acc_store.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < nitems; ++w) {
       const int64_t tile = w / ngroups, g = w % ngroups;
       const int64_t t0 = tile * TT, mt = std::min<int64_t>(TT, T - t0);
-      transpose_tile(x, K, t0, mt, xt);
-      for (int64_t q = gstart[g]; q < gstart[g + 1]; ++q) {
-        const int64_t n0 = q * RG, nr = std::min<int64_t>(RG, N - n0);
-        rows_tile(xt, rp, ci, val, bias, n0, nr, buf);
-        write_back(buf, mt, nr, y, N, t0, n0);
+      const int64_t nb = gstart[g] * RG, ne = std::min(N, gstart[g + 1] * RG);
+      for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += KC) {
+        const int64_t k1 = std::min(K, k0 + KC);
+        transpose_tile(x, K, t0, mt, k0, k1, xt);
+        rows_tile(xt, rp, ci, val, bias, nb, ne - nb, k0, k1, k0 == 0, cur.data(), acc);
       }
+      for (int64_t n0 = nb; n0 < ne; n0 += RG)
+        write_back(acc + (n0 - nb) * TT, mt, std::min<int64_t>(RG, ne - n0), y, N, t0, n0);
     }
   }
 }
