@@ -1,7 +1,6 @@
-"""Unit tests of capsparse.checkpoint: atomic files and directories, manifests, verification, safe loading."""
+"""Unit tests of capsparse.checkpoint: atomic files, manifests, verification, resume selection, safe loading."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -13,58 +12,58 @@ from capsparse import checkpoint as ck
 
 
 def _write_ckpt(run_dir, step, value=1.0):
-    return ck.save_checkpoint(run_dir, step, {"w": torch.full((4, 4), float(value)), "m": torch.ones(4, dtype=torch.bool)},
-                              {"step": step})
+    """A ``checkpoint-N`` as the Trainer leaves it (files written in place), then its manifest."""
+    from safetensors.torch import save_file
+
+    path = run_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    save_file({"w": torch.full((4, 4), float(value))}, str(path / "model.safetensors"))
+    (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    ck.write_manifest(path, extra={"global_step": step})
+    return path
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     p = tmp_path / "a.json"
-    ck.atomic_write_text(p, "one")
-    ck.atomic_write_text(p, "two")
-    assert p.read_text() == "two"
+    ck.atomic_write_json(p, {"v": 1})
+    ck.atomic_write_json(p, {"v": 2})
+    assert p.read_text() == '{\n "v": 2\n}'
     assert sorted(os.listdir(tmp_path)) == ["a.json"]
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path):
     p = tmp_path / "a.bin"
-    ck.atomic_write_bytes(p, b"old")
+    with ck.atomic_write(p) as f:
+        f.write(b"old")
     with pytest.raises(RuntimeError):
         with ck.atomic_write(p) as f:
             f.write(b"partial new data")
             raise RuntimeError("crash while writing")
     assert p.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["a.bin"]
+    with pytest.raises(ValueError, match="mode"):
+        with ck.atomic_write(p, "a"):
+            pass
 
 
-def test_checkpoint_dir_roundtrip_and_manifest(tmp_path):
-    path = _write_ckpt(tmp_path, 3, 2.5)
-    assert path.name == "ckpt-3" and not (tmp_path / "ckpt-3.tmp").exists()
+def test_manifest_lists_every_file(tmp_path):
+    path = _write_ckpt(tmp_path, 3)
     manifest = ck.verify_checkpoint(path)
-    assert set(manifest["files"]) == {"state.safetensors", "state.json"}
-    tensors, meta = ck.load_state(path)
-    assert torch.equal(tensors["w"], torch.full((4, 4), 2.5)) and tensors["m"].dtype == torch.bool
-    assert meta == {"step": 3}
-
-
-def test_failed_checkpoint_write_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with ck.atomic_checkpoint_dir(tmp_path / "ckpt-1") as tmp:
-            ck.save_state(tmp, {"w": torch.zeros(2)}, {})
-            raise RuntimeError("boom")
-    assert os.listdir(tmp_path) == []
+    assert set(manifest["files"]) == {"model.safetensors", "trainer_state.json"}
+    assert manifest["extra"] == {"global_step": 3}
 
 
 @pytest.mark.parametrize("damage,needle", [
-    ("truncate", "'state.safetensors' is truncated"),
-    ("grow", "'state.safetensors' has the wrong size"),
-    ("bitflip", "'state.safetensors' is corrupted"),
-    ("missing", "'state.json' listed in the manifest is missing"),
+    ("truncate", "'model.safetensors' is truncated"),
+    ("grow", "'model.safetensors' has the wrong size"),
+    ("bitflip", "'model.safetensors' is corrupted"),
+    ("missing", "'trainer_state.json' listed in the manifest is missing"),
     ("no_manifest", "manifest.json is missing"),
     ("bad_manifest", "corrupted manifest"),
 ])
 def test_verify_names_the_bad_file(tmp_path, damage, needle):
     path = _write_ckpt(tmp_path, 1)
-    st = path / "state.safetensors"
+    st = path / "model.safetensors"
     data = st.read_bytes()
     if damage == "truncate":
         st.write_bytes(data[:-7])
@@ -73,48 +72,38 @@ def test_verify_names_the_bad_file(tmp_path, damage, needle):
     elif damage == "bitflip":
         st.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     elif damage == "missing":
-        (path / "state.json").unlink()
+        (path / "trainer_state.json").unlink()
     elif damage == "no_manifest":
         (path / "manifest.json").unlink()
     else:
         (path / "manifest.json").write_text("{ not json")
-    with pytest.raises(ck.CheckpointError, match="ckpt-1") as exc:
+    with pytest.raises(ck.CheckpointError, match="checkpoint-1") as exc:
         ck.verify_checkpoint(path)
     assert needle in str(exc.value)
-    with pytest.raises(ck.CheckpointError):
-        ck.load_state(path, verify=True)
 
 
 def test_latest_valid_skips_broken_with_warning(tmp_path, caplog):
     for s in (2, 4, 6):
         _write_ckpt(tmp_path, s, s)
-    (tmp_path / "ckpt-6" / "state.safetensors").write_bytes(b"x")
-    (tmp_path / "ckpt-8").mkdir()  # a directory without a manifest: an interrupted in-place writer
-    (tmp_path / "ckpt-9.tmp").mkdir()  # an interrupted atomic write
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "checkpoint-8").mkdir()  # a directory without a manifest: the Trainer was killed while writing it
     with caplog.at_level(logging.WARNING, logger="capsparse.checkpoint"):
-        assert ck.latest_valid_checkpoint(tmp_path) == tmp_path / "ckpt-4"
-    assert "ckpt-6" in caplog.text and "state.safetensors" in caplog.text and "ckpt-8" in caplog.text
-    assert not (tmp_path / "ckpt-9.tmp").exists()
+        assert ck.latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert "checkpoint-6" in caplog.text and "model.safetensors" in caplog.text and "checkpoint-8" in caplog.text
     assert ck.latest_valid_checkpoint(tmp_path / "nothing-here") is None
 
 
-def test_interrupted_rename_is_recovered(tmp_path):
-    _write_ckpt(tmp_path, 5)
-    os.replace(tmp_path / "ckpt-5", tmp_path / "ckpt-5.tmp")  # killed after the manifest, before the rename
-    assert ck.latest_valid_checkpoint(tmp_path) == tmp_path / "ckpt-5"
-    _write_ckpt(tmp_path, 7)
-    os.replace(tmp_path / "ckpt-7", tmp_path / "ckpt-7.old")  # killed while replacing an existing ckpt-7
-    assert ck.latest_valid_checkpoint(tmp_path) == tmp_path / "ckpt-7"
-
-
-def test_rotation_never_counts_broken(tmp_path):
-    for s in (1, 2, 3):
+def test_resume_moves_broken_checkpoints_aside(tmp_path, caplog):
+    for s in (2, 4):
         _write_ckpt(tmp_path, s)
-    (tmp_path / "ckpt-3" / "manifest.json").unlink()
-    ck.rotate_checkpoints(tmp_path, keep_last=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-2", "ckpt-3"]
-    with pytest.raises(ValueError, match="keep_last"):
-        ck.rotate_checkpoints(tmp_path, keep_last=0)
+    (tmp_path / "checkpoint-4" / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="capsparse.checkpoint"):
+        assert ck.resolve_resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-checkpoint-4", "checkpoint-2"]
+    assert "manifest.json is missing" in caplog.text
+    assert ck.resolve_resume_checkpoint(tmp_path, None) is None
+    with pytest.raises(ck.CheckpointError, match="broken-checkpoint-4"):
+        ck.resolve_resume_checkpoint(tmp_path, str(tmp_path / "broken-checkpoint-4"))
 
 
 class _Evil:
@@ -125,76 +114,16 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
-def test_malicious_pickle_cannot_run_code(tmp_path):
+def test_malicious_cap_state_cannot_run_code(tmp_path):
+    """CAPTrainer's resume reads cap_state.pt weights-only: a pickle that would create a file is refused."""
+    from capsparse.cap.trainer import CAP_STATE_NAME, CAPTrainer
+
     marker = tmp_path / "pwned"
-    evil = tmp_path / "state.pt"
-    with open(evil, "wb") as f:
-        pickle.dump({"w": _Evil(str(marker))}, f)
-    with pytest.raises(ck.CheckpointError, match="weights_only"):
-        ck.load_tensors(evil)
-    with pytest.raises(ck.CheckpointError):
-        ck.load_state(tmp_path)
-    with pytest.raises(ck.CheckpointError):
-        ck.safe_torch_load(evil)
-    assert not marker.exists()
-    # a torch.save'd zip pickle with a code-running object is refused the same way
-    evil2 = tmp_path / "evil2.pt"
-    torch.save({"w": _Evil(str(marker))}, evil2)
-    with pytest.raises(ck.CheckpointError):
-        ck.load_tensors(evil2)
-    assert not marker.exists()
-
-
-def test_legacy_pt_tensors_load(tmp_path):
-    torch.save({"w": torch.arange(3.0)}, tmp_path / "state.pt")
-    tensors, meta = ck.load_state(tmp_path)
-    assert torch.equal(tensors["w"], torch.arange(3.0)) and meta == {}
-
-
-def test_save_state_validates_arguments(tmp_path):
-    with pytest.raises(TypeError, match="tensors"):
-        ck.save_state(tmp_path, [torch.zeros(1)], {})
-    with pytest.raises(TypeError, match="tensors"):
-        ck.save_state(tmp_path, {"a": 1.0}, {})
-    with pytest.raises(TypeError, match="meta"):
-        ck.save_state(tmp_path, {"a": torch.zeros(1)}, {"x": object()})
-    with pytest.raises(ValueError, match="step"):
-        ck.save_checkpoint(tmp_path, -1, {}, {})
-    with pytest.raises(ValueError, match="name"):
-        ck.save_state(tmp_path, {}, {}, name="../x")
-
-
-def test_shared_storage_and_views_are_saved(tmp_path):
-    base = torch.arange(16.0)
-    ck.save_state(tmp_path, {"a": base, "b": base[:4], "c": base.reshape(4, 4).t()}, {})
-    t, _ = ck.load_state(tmp_path)
-    assert torch.equal(t["b"], base[:4]) and torch.equal(t["c"], base.reshape(4, 4).t())
-
-
-def test_flatten_tree_roundtrips_optimizer_state():
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    sd = opt.state_dict()
-    tensors, skel = ck.flatten_tree(sd, "optim")
-    json.dumps(skel)
-    back = ck.unflatten_tree(json.loads(json.dumps(skel)), tensors)
-    assert set(back["state"]) == {0, 1}
-    assert torch.equal(back["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
-    opt.load_state_dict(back)
-
-
-def test_rng_state_roundtrip(tmp_path):
-    import random
-
-    import numpy as np
-
-    g = torch.Generator().manual_seed(7)
-    tensors, meta = ck.capture_rng_state({"g": g})
-    ck.save_state(tmp_path, tensors, meta)
-    expected = (random.random(), np.random.rand(), torch.rand(3), torch.rand(2, generator=g))
-    t2, m2 = ck.load_state(tmp_path)
-    ck.restore_rng_state(t2, m2, {"g": g})
-    got = (random.random(), np.random.rand(), torch.rand(3), torch.rand(2, generator=g))
-    assert expected[:2] == got[:2] and torch.equal(expected[2], got[2]) and torch.equal(expected[3], got[3])
+    for name, dump in (("raw", lambda obj, f: pickle.dump(obj, f)), ("torch.save", torch.save)):
+        ckpt = tmp_path / name
+        ckpt.mkdir()
+        with open(ckpt / CAP_STATE_NAME, "wb") as f:
+            dump({"banks": _Evil(str(marker))}, f)
+        with pytest.raises(pickle.UnpicklingError):
+            CAPTrainer._load_cap_state(object(), str(ckpt))  # refused before the trainer is touched
+        assert not marker.exists()

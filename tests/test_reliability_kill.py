@@ -1,12 +1,12 @@
 """Crash-and-resume with real processes: SIGKILL at seeded random points, resume, compare bit for bit.
 
-``tests/_killrun.py`` is a tiny CAP-style run (SparseLinear block + element masks, movement scores, a snapshot
-bank encoded in batches, the CAP contrastive loss, AdamW, dropout, random extras). Each kill point is an
+``tests/_killrun.py`` is a tiny run through the Hugging Face ``Trainer`` with capsparse's atomic manifested
+checkpoints (a block-sparse SparseLinear, AdamW, dropout, shuffled data). Each kill point is an
 ``(event, occurrence)`` pair drawn from a seeded generator: during a step (after forward / backward / the
-optimizer step / a mask update), during bank encoding, or inside a checkpoint write (after a file, before the
-manifest, before and after the rename). A few more runs are killed by the parent at a random wall-clock time.
-After every kill the next run resumes from the newest valid checkpoint; the final weights, masks, scores,
-bank, optimizer state and per-step losses must equal an uninterrupted run's exactly.
+optimizer step) or inside a checkpoint write (files written without a manifest, inside the manifest write). One
+more run is killed by the parent at a random wall-clock time. After every kill the next run resumes from the
+newest valid checkpoint; the final weights, masks, optimizer state and per-step losses must equal an
+uninterrupted run's exactly.
 """
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ import torch
 from capsparse import checkpoint as ck
 
 SCRIPT = Path(__file__).with_name("_killrun.py")
-EVENT_RANGES = {"fwd": 8, "bwd": 8, "opt": 8, "mask": 4, "encode": 12, "ckpt.file": 6,
-                "ckpt.before_manifest": 3, "ckpt.before_rename": 3, "ckpt.after_rename": 3}
-N_EVENT_KILLS = 10
-N_TIMER_KILLS = 3
+EVENT_RANGES = {"fwd": 12, "bwd": 12, "opt": 12, "ckpt.files": 3, "ckpt.before_manifest": 3}
+N_EVENT_KILLS = 5  # each run starts a Python with torch and transformers: a few seconds on 2 shared cores
+N_TIMER_KILLS = 1
 STATS_FILE = os.environ.get("CAPSPARSE_RELIABILITY_STATS")
 
 
@@ -50,7 +49,7 @@ def _env():
                 CAPSPARSE_BACKEND=BACKEND)
 
 
-def run(run_dir, *extra, timeout=120):
+def run(run_dir, *extra, timeout=300):
     return subprocess.run([sys.executable, str(SCRIPT), "--run-dir", str(run_dir), *extra], capture_output=True,
                           text=True, timeout=timeout, env=_env())
 
@@ -60,7 +59,7 @@ def run_killed_at_random_time(run_dir, rng):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--run-dir", str(run_dir)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=_env())
     assert proc.stdout.readline().strip() == "READY"
-    time.sleep(rng.uniform(0.0, 0.6))
+    time.sleep(rng.uniform(0.0, 3.0))
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     return proc.returncode
@@ -70,14 +69,20 @@ def _bits(t):
     return t if t.dtype == torch.bool else t.reshape(-1).view(torch.uint8)
 
 
+def _final(run_dir: Path):
+    from safetensors.torch import load_file
+
+    final = run_dir / "final"
+    return load_file(str(final / "state.safetensors")), json.loads((final / "state.json").read_text())
+
+
 def assert_same_final(a: Path, b: Path):
-    ta, ma = ck.load_state(a / "final")
-    tb, mb = ck.load_state(b / "final")
+    (ta, ma), (tb, mb) = _final(a), _final(b)
     assert sorted(ta) == sorted(tb)
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
         assert torch.equal(_bits(ta[k]), _bits(tb[k])), f"{k} differs"
-    assert ma == mb  # per-step losses, step count, snapshots
+    assert ma == mb  # per-step losses, step count
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +136,7 @@ def test_damaged_latest_checkpoint_is_detected_and_previous_used(baseline, tmp_p
     shutil.copytree(baseline, run_dir)
     shutil.rmtree(run_dir / "final")
     newest, previous = ck.list_checkpoints(run_dir)[:2]
-    target = newest / "state.safetensors"
+    target = newest / "model.safetensors"
     if damage == "truncate":
         data = target.read_bytes()
         target.write_bytes(data[: len(data) // 2])
@@ -142,11 +147,11 @@ def test_damaged_latest_checkpoint_is_detected_and_previous_used(baseline, tmp_p
     elif damage == "drop_manifest":
         (newest / ck.MANIFEST_NAME).unlink()
     else:
-        (newest / "state.json").unlink()
+        (newest / "trainer_state.json").unlink()
     with caplog.at_level(logging.WARNING, logger="capsparse.checkpoint"):
         assert ck.latest_valid_checkpoint(run_dir) == previous
-    expected = {"truncate": "state.safetensors", "bitflip": "state.safetensors", "drop_manifest": "manifest.json",
-                "delete_file": "state.json"}[damage]
+    expected = {"truncate": "model.safetensors", "bitflip": "model.safetensors", "drop_manifest": "manifest.json",
+                "delete_file": "trainer_state.json"}[damage]
     assert expected in caplog.text and newest.name in caplog.text
     if damage not in ("truncate", "bitflip"):
         return  # resuming from the previous checkpoint is the same path; two subprocess runs cover it

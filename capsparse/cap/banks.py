@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from ..distributed import process_group
 from ..resources import available_gpu_memory, available_ram
+from .config import BANK_DTYPES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in BANK_DTYPES}  # the names live in the config
 
 
 def estimate_bank_bytes(n_examples: int, reps: Dict[str, int], dim: int, dtype: str = "float32") -> int:
