@@ -93,22 +93,24 @@ def launch_guard(t: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 
 # (op, block) -> (density bucket upper edge, config). First matching bucket wins.
-# H100 defaults: 128 tokens per MMA tile (the token dimension is the large MMA dimension), 3-4
-# stages (torchao: +20% from 1 -> 4 stages). Status: unmeasured.
+# H100 defaults, not timed: 128 tokens per MMA tile (the token dimension is the large MMA dimension),
+# 8 warps, 3-4 stages. Chosen so that ptxas reports no register spills when compiled for sm_90 and
+# sm_80 (tests/test_triton_aot.py prints the table); fp32 operands use smaller token tiles (_FP32).
 _H100_TABLE: Dict[Tuple[str, int], Tuple[Tuple[float, Dict[str, int]], ...]] = {}
 for _b in SUPPORTED_BLOCKS:
-    _inner = 64 if _b == 128 else _b  # K step of the MMA loop inside one block
-    _H100_TABLE[("fwd", _b)] = (
-        (1.01, {"BLOCK_T": 128, "BLOCK_K": _inner, "num_warps": 4 if _b <= 64 else 8, "num_stages": 4}),
-    )
-    _H100_TABLE[("dx", _b)] = (
-        (1.01, {"BLOCK_T": 128, "BLOCK_K": _inner, "num_warps": 4 if _b <= 64 else 8, "num_stages": 4}),
-    )
+    _inner = 32 if _b == 128 else _b  # K step of the MMA loop inside one block
+    _t = 64 if _b == 128 else 128
+    _H100_TABLE[("fwd", _b)] = ((1.01, {"BLOCK_T": _t, "BLOCK_K": _inner, "num_warps": 8, "num_stages": 4}),)
+    _H100_TABLE[("dx", _b)] = ((1.01, {"BLOCK_T": _t, "BLOCK_K": _inner, "num_warps": 8, "num_stages": 4}),)
     # dW: more split-K when the layer is very sparse (few kept blocks -> few programs).
     _H100_TABLE[("dw", _b)] = (
-        (0.15, {"BLOCK_T": 64, "TOKENS_PER_SPLIT": 512, "num_warps": 4, "num_stages": 4}),
+        (0.15, {"BLOCK_T": 64, "TOKENS_PER_SPLIT": 512, "num_warps": 4 if _b <= 64 else 8, "num_stages": 4}),
         (1.01, {"BLOCK_T": 64, "TOKENS_PER_SPLIT": 2048, "num_warps": 4 if _b <= 64 else 8, "num_stages": 3}),
     )
+# fp32 tiles hold twice the bytes (and sm_80 runs fp32 dots without MMA): (op, block) -> overrides
+_FP32 = {("fwd", 64): {"BLOCK_T": 32}, ("dx", 64): {"BLOCK_T": 32}, ("fwd", 128): {"BLOCK_T": 32},
+         ("dx", 128): {"BLOCK_T": 32}, ("dw", 32): {"BLOCK_T": 32, "num_warps": 8},
+         ("dw", 64): {"BLOCK_T": 32, "num_warps": 8}, ("dw", 128): {"BLOCK_T": 16, "num_warps": 8}}
 
 _TABLES: Dict[str, Dict] = {"NVIDIA H100": _H100_TABLE}
 _TUNED: Dict[Tuple, Dict[str, int]] = {}
@@ -130,26 +132,41 @@ def gpu_name(device: torch.device) -> str:
 
 
 def register_config(gpu: str, op: str, block: int, bucket: float, config: Dict[str, int]) -> None:
-    """Store a tuned config (for example from a benchmark sweep); it wins over the default table."""
+    """Store a tuned config (for example from a benchmark sweep); it wins over the default table.
+
+    ``gpu`` is the exact ``torch.cuda.get_device_name()`` string (lookups use the exact name too; only
+    the built-in default tables match by prefix).
+    """
+    if not isinstance(gpu, str) or not gpu:
+        raise ValueError(f"gpu: expected the exact torch.cuda.get_device_name() string, got {gpu!r}")
+    if op not in ("fwd", "dx", "dw"):
+        raise ValueError(f"op: expected 'fwd', 'dx' or 'dw', got {op!r}")
     _TUNED[(gpu, op, block, density_bucket(bucket))] = dict(config)
 
 
-def get_config(op: str, block: int, device: torch.device, density: Optional[float] = None) -> Dict[str, int]:
-    """Launch config for ``op`` in {"fwd", "dx", "dw"} keyed by (GPU name, density bucket)."""
+def table_config(gpu: str, op: str, block: int, density: Optional[float] = None,
+                 dtype: torch.dtype = torch.bfloat16) -> Dict[str, int]:
+    """The GPU launch config for ``op`` on the GPU named ``gpu`` (no device needed: AOT checks use it)."""
+    bucket = density_bucket(density)
+    tuned = _TUNED.get((gpu, op, block, bucket))
+    if tuned is not None:
+        return dict(tuned)
+    table = next((t for prefix, t in _TABLES.items() if gpu.startswith(prefix)), _H100_TABLE)
+    cfg = next((c for edge, c in table[(op, block)] if bucket <= edge), table[(op, block)][-1][1])
+    cfg = dict(cfg)
+    if dtype == torch.float32:
+        cfg.update(_FP32.get((op, block), {}))
+    return cfg
+
+
+def get_config(op: str, block: int, device: torch.device, density: Optional[float] = None,
+               dtype: torch.dtype = torch.bfloat16) -> Dict[str, int]:
+    """Launch config for ``op`` in {"fwd", "dx", "dw"} keyed by (GPU name, density bucket, fp32 or not)."""
     if interpreting() or device.type != "cuda":
         cfg = dict(_INTERP_CONFIG)
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], block)
         return cfg
-    name = gpu_name(device)
-    bucket = density_bucket(density)
-    tuned = _TUNED.get((name, op, block, bucket))
-    if tuned is not None:
-        return dict(tuned)
-    table = next((t for prefix, t in _TABLES.items() if name.startswith(prefix)), _H100_TABLE)
-    for edge, cfg in table[(op, block)]:
-        if bucket <= edge:
-            return dict(cfg)
-    return dict(table[(op, block)][-1][1])
+    return table_config(gpu_name(device), op, block, density, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from ._common import (
     launch_guard,
 )
 
-__all__ = ["bsl_forward", "bsl_grad_input", "bsl_grad_weight"]
+__all__ = ["bsl_forward", "bsl_grad_input", "bsl_grad_weight", "launch_meta"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,30 +63,36 @@ def _bsl_fwd_kernel(
 ):
     pid_t = tl.program_id(0)
     r = tl.program_id(1)
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    offs_n = (r * BM + tl.arange(0, BM)).to(tl.int64)
+    # 64-bit scalar bases, 32-bit offsets inside the tile: 64-bit per-element offsets cost two
+    # registers per loaded element (ptxas spilled at 128 x 64 tiles)
+    t0 = pid_t.to(tl.int64) * BLOCK_T
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BM)
     offs_k = tl.arange(0, BLOCK_K)
-    t_mask = offs_t < T
+    t_mask = (t0 + offs_t) < T
+    x_base = x_ptr + t0 * K
+    w_base = w_ptr + r.to(tl.int64) * BM * K
 
     start = tl.load(row_ptr_ptr + r)
     end = tl.load(row_ptr_ptr + r + 1)
     acc = tl.zeros((BLOCK_T, BM), dtype=tl.float32)
     for p in range(start, end):
-        c = tl.load(row_cols_ptr + p).to(tl.int64)
+        c = tl.load(row_cols_ptr + p)
         for kk in tl.static_range(0, BK, BLOCK_K):
             cols = c * BK + kk + offs_k
-            x = tl.load(x_ptr + offs_t[:, None] * K + cols[None, :], mask=t_mask[:, None], other=0.0)
+            x = tl.load(x_base + offs_t[:, None] * K + cols[None, :], mask=t_mask[:, None], other=0.0)
             if GELU_X:
                 x = gelu_f32(x.to(tl.float32)).to(x_ptr.dtype.element_ty)
-            w = tl.load(w_ptr + offs_n[:, None] * K + cols[None, :])
+            w = tl.load(w_base + offs_n[:, None] * K + cols[None, :])
             if UPCAST:
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=IN_PREC)
 
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_t[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+        acc += tl.load(b_ptr + r * BM + offs_n).to(tl.float32)[None, :]
+    y_base = y_ptr + t0 * N + r * BM
+    tl.store(y_base + offs_t[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=t_mask[:, None])
 
 
@@ -99,26 +105,29 @@ def _bsl_dx_kernel(
 ):
     pid_t = tl.program_id(0)
     c = tl.program_id(1)
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    offs_k = (c * BK + tl.arange(0, BK)).to(tl.int64)
+    t0 = pid_t.to(tl.int64) * BLOCK_T  # 64-bit scalar bases, 32-bit tile offsets (as in the forward)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BK)
     offs_n = tl.arange(0, BLOCK_N)
-    t_mask = offs_t < T
+    t_mask = (t0 + offs_t) < T
+    dy_base = dy_ptr + t0 * N
+    w_base = w_ptr + c * BK
 
     start = tl.load(col_ptr_ptr + c)
     end = tl.load(col_ptr_ptr + c + 1)
     acc = tl.zeros((BLOCK_T, BK), dtype=tl.float32)
     for p in range(start, end):
-        r = tl.load(col_rows_ptr + p).to(tl.int64)
+        r = tl.load(col_rows_ptr + p)
         for nn in tl.static_range(0, BM, BLOCK_N):
             rows = r * BM + nn + offs_n
-            dy = tl.load(dy_ptr + offs_t[:, None] * N + rows[None, :], mask=t_mask[:, None], other=0.0)
-            w = tl.load(w_ptr + rows[:, None] * K + offs_k[None, :])
+            dy = tl.load(dy_base + offs_t[:, None] * N + rows[None, :], mask=t_mask[:, None], other=0.0)
+            w = tl.load(w_base + rows.to(tl.int64)[:, None] * K + offs_k[None, :])
             if UPCAST:
                 dy = dy.to(tl.float32)
                 w = w.to(tl.float32)
             acc = tl.dot(dy, w, acc, input_precision=IN_PREC)
 
-    out_offs = offs_t[:, None] * K + offs_k[None, :]
+    out_offs = t0 * K + c * BK + (offs_t[:, None] * K + offs_k[None, :])
     if GELU_GRAD:
         h = tl.load(h_ptr + out_offs, mask=t_mask[:, None], other=0.0).to(tl.float32)
         acc = acc * gelu_grad_f32(h)
@@ -196,6 +205,27 @@ def _bsl_dw_reduce_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+def launch_meta(op: str, bm: int, bk: int, dtype: torch.dtype, cfg, *, has_bias: bool = False, gelu: bool = False,
+                tokens_per_split: Optional[int] = None):
+    """``(constexprs, options)`` of the ``op`` kernel ("fwd", "dx", "dw") for a launch config ``cfg``.
+
+    The launchers and the ahead-of-time compile check (tests/test_triton_aot.py) both use it, so the
+    check compiles exactly what a GPU launch would.
+    """
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    flags = dot_flags(dtype)
+    if op == "fwd":
+        return dict(BM=bm, BK=bk, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=min(cfg["BLOCK_K"], bk), HAS_BIAS=has_bias,
+                    GELU_X=gelu, **flags), options
+    if op == "dx":
+        return dict(BM=bm, BK=bk, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=min(cfg["BLOCK_K"], bm), GELU_GRAD=gelu,
+                    **flags), options
+    block_t = cfg["BLOCK_T"]
+    tps = int(tokens_per_split or cfg["TOKENS_PER_SPLIT"])
+    tps = max(block_t, triton.cdiv(tps, block_t) * block_t)
+    return dict(BM=bm, BK=bk, BLOCK_T=block_t, TOKENS_PER_SPLIT=tps, GELU_X=gelu, **flags), options
+
+
 def _check_weight(weight: torch.Tensor, bm: int, bk: int, device: torch.device):
     check_block("bm", bm)
     check_block("bk", bk)
@@ -237,17 +267,12 @@ def bsl_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     y = torch.empty((T, N), dtype=x.dtype, device=x.device)
     if T == 0:
         return y
-    cfg = get_config("fwd", max(bm, bk), x.device, density)
-    block_k = min(cfg["BLOCK_K"], bk)
+    cfg = get_config("fwd", max(bm, bk), x.device, density, x.dtype)
+    meta, options = launch_meta("fwd", bm, bk, x.dtype, cfg, has_bias=bias is not None, gelu=gelu_input)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), R)
     with launch_guard(x):
-        _bsl_fwd_kernel[grid](
-            x, weight, bias if bias is not None else x, y, row_ptr, row_cols,
-            T, N, K,
-            BM=bm, BK=bk, BLOCK_T=cfg["BLOCK_T"], BLOCK_K=block_k,
-            HAS_BIAS=bias is not None, GELU_X=gelu_input, **dot_flags(x.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        _bsl_fwd_kernel[grid](x, weight, bias if bias is not None else x, y, row_ptr, row_cols, T, N, K,
+                              **meta, **options)
     return y
 
 
@@ -277,17 +302,12 @@ def bsl_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, col_ptr: torch.Te
     dx = torch.empty((T, K), dtype=grad_y.dtype, device=grad_y.device)
     if T == 0:
         return dx
-    cfg = get_config("dx", max(bm, bk), grad_y.device, density)
-    block_n = min(cfg["BLOCK_K"], bm)
+    cfg = get_config("dx", max(bm, bk), grad_y.device, density, grad_y.dtype)
+    meta, options = launch_meta("dx", bm, bk, grad_y.dtype, cfg, gelu=gelu_preact is not None)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), C)
     with launch_guard(grad_y):
-        _bsl_dx_kernel[grid](
-            grad_y, weight, gelu_preact if gelu_preact is not None else grad_y, dx, col_ptr, col_rows,
-            T, N, K,
-            BM=bm, BK=bk, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=block_n,
-            GELU_GRAD=gelu_preact is not None, **dot_flags(grad_y.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        _bsl_dx_kernel[grid](grad_y, weight, gelu_preact if gelu_preact is not None else grad_y, dx, col_ptr,
+                             col_rows, T, N, K, **meta, **options)
     return dx
 
 
@@ -331,14 +351,10 @@ def bsl_grad_weight(grad_y: torch.Tensor, x: torch.Tensor, block_rows: torch.Ten
     grad_w = torch.zeros((N, K), dtype=grad_y.dtype, device=grad_y.device)
     if T == 0 or cap == 0:
         return grad_w
-    cfg = get_config("dw", max(bm, bk), grad_y.device, density)
-    tps = int(tokens_per_split or cfg["TOKENS_PER_SPLIT"])
-    block_t = cfg["BLOCK_T"]
-    tps = max(block_t, triton.cdiv(tps, block_t) * block_t)
-    splits = triton.cdiv(T, tps)
-    flags = dot_flags(grad_y.dtype)
-    common = dict(BM=bm, BK=bk, BLOCK_T=block_t, TOKENS_PER_SPLIT=tps, GELU_X=gelu_input, **flags,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = get_config("dw", max(bm, bk), grad_y.device, density, grad_y.dtype)
+    meta, options = launch_meta("dw", bm, bk, grad_y.dtype, cfg, gelu=gelu_input, tokens_per_split=tokens_per_split)
+    splits = triton.cdiv(T, meta["TOKENS_PER_SPLIT"])
+    common = dict(**meta, **options)
     args = (block_rows, block_cols, nnz, T, N, K, cap)
 
     with launch_guard(grad_y):

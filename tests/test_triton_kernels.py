@@ -494,3 +494,19 @@ def test_fp32_dot_precision_follows_torch(monkeypatch):
     monkeypatch.setattr(common, "interpreting", lambda: True)  # the interpreter always computes in fp32
     assert common.dot_flags(torch.float32)["IN_PREC"] == "ieee"
     assert common.dot_flags(torch.bfloat16) == {"UPCAST": True, "IN_PREC": "ieee"}
+
+
+def test_tuned_config_lookup_uses_the_exact_gpu_name(monkeypatch):
+    common = _kernels("_common")
+    monkeypatch.setattr(common, "_TUNED", {})
+    tuned = {"BLOCK_T": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+    common.register_config("NVIDIA H100 80GB HBM3", "fwd", 64, 0.1, tuned)
+    assert common.table_config("NVIDIA H100 80GB HBM3", "fwd", 64, 0.12) == tuned  # same 5% bucket
+    default = common.table_config("NVIDIA H100 PCIe", "fwd", 64, 0.1)  # same prefix, other GPU: the default
+    assert default != tuned and default["BLOCK_T"] == 128
+    assert common.table_config("NVIDIA H100 80GB HBM3", "fwd", 64, 0.5) == default  # other bucket
+    assert common.table_config("NVIDIA H100 PCIe", "fwd", 64, None, torch.float32)["BLOCK_T"] == 32
+    with pytest.raises(ValueError, match="gpu: expected the exact"):
+        common.register_config("", "fwd", 64, 0.1, tuned)
+    with pytest.raises(ValueError, match="op: expected"):
+        common.register_config("NVIDIA H100 80GB HBM3", "fw", 64, 0.1, tuned)
