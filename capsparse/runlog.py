@@ -144,18 +144,13 @@ def setup_logging(output_dir: Optional[PathLike] = None, level: int = logging.IN
     if output_dir is not None:
         path = Path(output_dir)
         path.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(path / log_file)
-        file_handler.setFormatter(fmt)
-        file_handler.setLevel(logging.DEBUG)
-        file_handler._capsparse = True
-        file_handler._capsparse_sticky = sticky
-        logger.addHandler(file_handler)
-        tf_file = logging.FileHandler(path / log_file)
-        tf_file.setFormatter(fmt)
-        tf_file.setLevel(logging.INFO)
-        tf_file._capsparse = True
-        tf_file._capsparse_sticky = sticky
-        tf_logger.addHandler(tf_file)
+        for lg, lvl in ((logger, logging.DEBUG), (tf_logger, logging.INFO)):  # both into the same run.log
+            handler = logging.FileHandler(path / log_file)
+            handler.setFormatter(fmt)
+            handler.setLevel(lvl)
+            handler._capsparse = True
+            handler._capsparse_sticky = sticky
+            lg.addHandler(handler)
     return logger
 
 
