@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     model = AutoModelForSequenceClassification.from_pretrained(a.model)
     capsparse.sparsify(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, capsparse.nn.SparseLinear)]
-    pruner = build_pruner("movement", model, layers=layers)
+    pruner = build_pruner("movement", model, layers=layers, score_init_mode="constant")  # learned part alone
     scores = pruner.score_parameters()
     score_ids = {id(s) for s in scores}
     weights = [q for q in model.parameters() if id(q) not in score_ids]

@@ -228,6 +228,16 @@ def test_demo_tiny_budget(tiny_model_dir, tmp_path, capsys):
             assert (Path(__file__).resolve().parents[1] / ref.strip("().,:;'")).exists(), ref
 
 
+def test_demo_refuses_an_earlier_demo_directory(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a demo")
+    assert cli.main(["demo", "--output-dir", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err and (out / "notes.txt").is_file()
+    assert cli.main(["demo", "--output-dir", str(out), "--overwrite"]) == 2
+    assert "not a capsparse demo directory" in capsys.readouterr().err and (out / "notes.txt").is_file()
+
+
 @needs_glue
 def test_movement_probe_script(tiny_model_dir, tmp_path):
     """scripts/movement_probe.py on a tiny model: one row per criterion and fraction, consistent salient shares."""

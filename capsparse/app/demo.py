@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional
 
 from ..runlog import RunDir, get_logger, machine_info
 from .commands import finetune, prune
-from .options import resolve
+from .options import OptionError, resolve
+from .run import clear_if_overwrite
 from .tasks import load_split
 
 log = get_logger("app")
@@ -33,6 +34,7 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
     o = resolve(options, **overrides)
     quick = bool(o.get("quick"))
     out = Path(o["output_dir"] or "runs/demo")
+    _fresh_output_dir(out, o)
     run = RunDir(out, command="demo", sticky=True)
     n_train = o.get("train_examples") or (256 if quick else 4000)
     teacher_steps = o.get("teacher_steps") or (8 if quick else 300)
@@ -96,6 +98,19 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
               f"directory {out}/ (metrics.json, run.log).", file=sys.stderr)
     print("\n" + FULL_RECIPE_HINT)
     return {"rows": rows, "wall_seconds": total, "results": results}
+
+
+def _fresh_output_dir(out: Path, o: Dict[str, Any]) -> None:
+    """The demo writes three runs under ``out``: refuse an earlier one unless ``--overwrite`` replaces it."""
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not o.get("overwrite"):
+        raise OptionError(f"--output-dir: {out} is not empty (an earlier demo?); pass --overwrite to replace it, or "
+                          f"choose a new directory")
+    if not (out / "config.json").is_file():
+        raise OptionError(f"--overwrite: {out} is not a capsparse demo directory (no config.json); refusing to "
+                          f"delete it")
+    clear_if_overwrite(out, o)
 
 
 def demo_table(rows, majority: Optional[float], cap_gain: float) -> str:

@@ -199,7 +199,7 @@ class _ScorePruner(Pruner):
     ``movement_scores`` so that DDP reduces and the Trainer clips/saves them with the model."""
 
     def __init__(self, model, layers=None, score_init: float = 0.0, block_score_mode: str = "exact",
-                 score_init_mode: str = "constant", score_init_scale: float = 1.0):
+                 score_init_mode: str = "magnitude", score_init_scale: float = 1.0):
         super().__init__(model, layers)
         if block_score_mode not in BLOCK_SCORE_MODES:
             raise ValueError(f"block_score_mode: expected one of {BLOCK_SCORE_MODES}, got {block_score_mode!r}")
