@@ -62,11 +62,11 @@ results = {}
 for method, extra in (("movement", {}), ("block-movement", {"block_size": 32})):
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        cfg = tiny_cap_config(method=method, target_sparsity=0.9, w_s=10.0, **extra)
-        model = tiny_bert(hidden=64, intermediate=128)
+        cfg = tiny_cap_config(method=method, target_sparsity=0.875, w_s=10.0, **extra)  # 2 of 16 blocks kept
+        model = tiny_bert(hidden=128, intermediate=256)
         args = tiny_args(tmp, max_steps=8, use_cpu=False, bf16=True, logging_steps=2)
         start = time.time()
-        trainer = CAPTrainer(model, args, cfg, tiny_dataset(64), teacher=tiny_bert(seed=1, hidden=64, intermediate=128))
+        trainer = CAPTrainer(model, args, cfg, tiny_dataset(64), teacher=tiny_bert(seed=1, hidden=128, intermediate=256))
         trainer.train()
         losses = [l["loss"] for l in trainer.state.log_history if "loss" in l]
         layer = sparse_layers(trainer.model)[0][1]
