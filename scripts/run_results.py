@@ -49,14 +49,15 @@ CONFIGS = {
                                                     "--sparsity", "0.9"]),
     "magnitude-90": ("magnitude", ["--method", "magnitude", "--no-cap", "--sparsity", "0.9"]),
     "capmag-90": ("CAP + magnitude", ["--method", "magnitude", "--cap", "--sparsity", "0.9"]),
-    "soft-90": ("soft movement", ["--method", "soft-movement", "--no-cap", "--sparsity", "0.9"]),
-    "capsoft-90": ("CAP-soft", ["--method", "soft-movement", "--cap", "--sparsity", "0.9"]),
+    # soft movement sets its sparsity through the L1 weight (--soft-lambda), not --sparsity (the CLI refuses it)
+    "soft": ("soft movement", ["--method", "soft-movement", "--no-cap"]),
+    "capsoft": ("CAP-soft", ["--method", "soft-movement", "--cap"]),
 }
 DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "magnitude-90", "capmag-90",
-                   "movement-official-90", "capm-official-90", "block-90", "capblock-90", "soft-90", "capsoft-90"]
+                   "movement-official-90", "capm-official-90", "block-90", "capblock-90", "soft", "capsoft"]
 PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("movement-official-90", "capm-official-90"),
          ("block-90", "capblock-90"),
-         ("soft-90", "capsoft-90"), ("magnitude-90", "capmag-90")]
+         ("soft", "capsoft"), ("magnitude-90", "capmag-90")]
 
 
 BACKEND = None  # CAPSPARSE_BACKEND for the runs (--backend)
@@ -153,7 +154,7 @@ def cmd_run(a) -> int:
                "--max-steps", str(a.steps), "--learning-rate", str(a.lr), "--seed", str(seed)]
         for opt in a.cap_option or []:
             cmd += ["--cap-option", opt]
-        if name.startswith(("soft", "capsoft")) and a.soft_lambda is not None:
+        if name in ("soft", "capsoft") and a.soft_lambda is not None:
             cmd += ["--cap-option", f"soft_lambda_final={a.soft_lambda}"]
         tasks.append((cmd, out / name / f"seed{seed}"))
     from concurrent.futures import ThreadPoolExecutor

@@ -162,6 +162,19 @@ def test_results_collect_tables_and_plot(tmp_path):
     (d / "metrics.json").write_text(json.dumps({"eval": {"accuracy": 0.88}, "sparsity": 0.0}))
     rows = {r["config"]: r for r in rr.collect(tmp_path)["rows"]}
     assert rows["dense"]["method"] == "dense (seed 0 is the teacher)" and rows["dense"]["mean"] == pytest.approx(89.0)
+    # another task: its name in the header, F1 beside accuracy, CPU time per run
+    mrpc = tmp_path / "mrpc"
+    for name, (acc, f1) in {"movement-90": (0.70, 0.80), "capm-90": (0.72, 0.83)}.items():
+        d = mrpc / name / "seed0"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"eval": {"accuracy": acc, "f1": f1}, "sparsity": 0.9,
+                                                    "wall_seconds": 120, "cpu_seconds": 90, "train_steps": 10}))
+    (mrpc / "run_meta.json").write_text(json.dumps({"budget": {"task": "mrpc", "steps": 10, "batch_size": 16,
+                                                               "train_examples": 100}}))
+    rr.collect(mrpc)
+    md = (mrpc / "results.md").read_text()
+    assert "| MRPC dev acc (mean ± std) | F1 (mean ± std) |" in md
+    assert "| CAP-m | 90.0% | 72.00 ± 0.00 | 83.00 ± 0.00 | 1 | 72.0 | - | 2.0 min | 1.5 min |" in md
 
 
 @needs_glue
