@@ -11,9 +11,12 @@ import contextlib
 import torch
 
 
-def autocast_dtype(device: torch.device):
-    """The active autocast dtype for ``device``, or ``None`` when autocast is off there."""
-    kind = device.type
+def autocast_dtype(x):
+    """The active autocast dtype for tensor ``x``'s device, or ``None`` when autocast is off there
+    (or ``x`` is no tensor: the op's input checks then say so)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    kind = x.device.type
     if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
@@ -21,13 +24,15 @@ def autocast_dtype(device: torch.device):
 
 def cast(t, dtype):
     """``t`` in ``dtype`` when it is a floating tensor that autocast would cast (not fp64)."""
-    if dtype is None or t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+    if dtype is None or not isinstance(t, torch.Tensor) or not t.is_floating_point() \
+            or t.dtype in (torch.float64, dtype):
         return t
     return t.to(dtype)
 
 
 def autocast_off(device: torch.device):
     """Context that disables autocast on ``device`` (a no-op when it is not enabled)."""
-    if autocast_dtype(device) is None:
+    kind = device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)

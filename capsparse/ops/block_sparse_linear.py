@@ -112,7 +112,7 @@ def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayo
         ``(..., out_features)``. The weight gradient is zero outside the kept blocks. Under
         ``torch.autocast`` the inputs are cast to the autocast dtype first (as ``F.linear`` does).
     """
-    amp = autocast_dtype(x.device)
+    amp = autocast_dtype(x)
     x, weight, bias = cast(x, amp), cast(weight, amp), cast(bias, amp)
     check_linear_inputs(x, weight, bias)
     if not isinstance(layout, BlockLayout):

@@ -77,7 +77,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first (as ``F.linear`` does).
     """
-    amp = autocast_dtype(x.device)
+    amp = autocast_dtype(x)
     x, weight, bias, masked_weight = cast(x, amp), cast(weight, amp), cast(bias, amp), cast(masked_weight, amp)
     check_linear_inputs(x, weight, bias)
     check_mask(mask, weight)
