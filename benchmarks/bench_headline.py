@@ -248,7 +248,7 @@ def main(argv=None):
                         choices=["module", "train", "inference"])
     parser.add_argument("--malloc", default="tuned", choices=["tuned", "default"],
                         help="tuned: capsparse.backends.cpu.configure_allocator() first (default); default: glibc as is")
-    parser.add_argument("--block-score-mode", default="exact", choices=["exact", "fast"],
+    parser.add_argument("--block-score-mode", default="exact", choices=["exact", "fast", "sampled"],
                         help="block movement-score gradient of the CAP step (see docs/benchmarks.md)")
     args = parser.parse_args(argv)
     H.setup(args.threads)
