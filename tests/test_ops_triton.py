@@ -39,12 +39,11 @@ def _run_linear(fn, dt, x64, w64, b64, g64, *args, **kw):
 def test_block_sparse_linear_triton(density, hint, dtype):
     """``density`` hint: 0.25 kept (75% sparse) runs the kernels, 1.0 runs the dense fallback."""
     layout = random_layout((64, 96), 32, density, seed=5, empty_row=density == 0.5)
-    layout_dev = layout if DEVICE == "cpu" else random_layout((64, 96), 32, density, seed=5).to(DEVICE)
+    layout_dev = layout.to(DEVICE)
     x64, g64 = torch.randn(2, 9, 96, dtype=torch.float64), torch.randn(2, 9, 64, dtype=torch.float64)
     w64, b64 = torch.randn(64, 96, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
-    ref = _run_linear(block_sparse_linear_reference, torch.float64, x64, w64, b64, g64, layout)
-    ref = [t.cpu() for t in ref]
-    same = _run_linear(block_sparse_linear_reference, torch.float32, x64, w64, b64, g64, layout)
+    ref = _run_linear(block_sparse_linear_reference, torch.float64, x64, w64, b64, g64, layout_dev)
+    same = _run_linear(block_sparse_linear_reference, torch.float32, x64, w64, b64, g64, layout_dev)
     got = _run_linear(block_sparse_linear, dtype, x64, w64, b64, g64, layout_dev, backend="triton", density=hint)
     for name, a, t, r in zip(("y", "dx", "dw", "db"), got, same, ref):
         assert a.dtype == dtype, name
@@ -60,7 +59,7 @@ def test_density_hint_selects_dense_or_kernels(monkeypatch):
     for name in ("bsl_forward", "bsl_grad_input", "bsl_grad_weight"):
         real = getattr(block_sparse, name)
         monkeypatch.setattr(block_sparse, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
-    layout = random_layout((64, 64), 32, 0.5, seed=1)
+    layout = random_layout((64, 64), 32, 0.5, seed=1).to(DEVICE)
     x = torch.randn(5, 64, device=DEVICE, requires_grad=True)
     w = torch.randn(64, 64, device=DEVICE, requires_grad=True)
     block_sparse_linear(x, w, layout, backend="triton", density=0.9).sum().backward()  # 10% sparse: dense
@@ -79,8 +78,8 @@ def test_masked_linear_triton(dtype):
     mask = torch.rand(48, 40) < 0.3
     x64, g64 = torch.randn(3, 7, 40, dtype=torch.float64), torch.randn(3, 7, 48, dtype=torch.float64)
     w64, b64 = torch.randn(48, 40, dtype=torch.float64), torch.randn(48, dtype=torch.float64)
-    ref = _run_linear(masked_linear_reference, torch.float64, x64, w64, b64, g64, mask)
-    same = _run_linear(masked_linear_reference, torch.float32, x64, w64, b64, g64, mask)
+    ref = _run_linear(masked_linear_reference, torch.float64, x64, w64, b64, g64, mask.to(DEVICE))
+    same = _run_linear(masked_linear_reference, torch.float32, x64, w64, b64, g64, mask.to(DEVICE))
     got = _run_linear(masked_linear, dtype, x64, w64, b64, g64, mask.to(DEVICE), backend="triton")
     for name, a, t, r in zip(("y", "dx", "dw", "db"), got, same, ref):
         assert_within_torch_error(a.float(), t, r, FLOORS[dtype], name=f"triton {name}")
