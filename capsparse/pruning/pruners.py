@@ -37,6 +37,11 @@ def _score_shape(layer: SparseLinear) -> torch.Size:
     return layer.mask.shape if layer.block_size is None else layer.block_mask.shape
 
 
+def _exact_density(scores: torch.Tensor, density: float) -> float:
+    """The kept fraction per-matrix top-k really keeps (a whole number of units)."""
+    return kept_count_for_density(scores.numel(), density) / scores.numel()
+
+
 @torch.no_grad()
 def magnitude_anchor(layer: SparseLinear, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
     """Initial scores ``offset + scale * (|W| - mean) / std`` per matrix (per block: the block sums of ``|W|``).
@@ -177,7 +182,7 @@ class MagnitudePruner(Pruner):
         scores = self.scores()
         if self.scope == "local":
             for name, layer in self.layers:
-                layer.set_mask(topk_mask(scores[name], density))
+                layer.set_mask(topk_mask(scores[name], density), density=_exact_density(scores[name], density))
             return
         flat = torch.cat([scores[name].reshape(-1) for name, _ in self.layers])
         mask = topk_mask(flat, density)
@@ -252,7 +257,9 @@ class MovementPruner(_ScorePruner):
 
     def _update(self, density: float) -> None:
         for name, layer in self.layers:
-            layer.set_mask(topk_mask(getattr(layer, SCORE_ATTR).detach(), density))
+            scores = getattr(layer, SCORE_ATTR).detach()
+            # the exact kept fraction is known on the host: the layer picks dense or sparse kernels without a sync
+            layer.set_mask(topk_mask(scores, density), density=_exact_density(scores, density))
 
     def freeze_pruned(self) -> None:
         """Remember the scores of pruned blocks (call before ``optimizer.step()``; fast mode)."""
