@@ -1,6 +1,6 @@
 """Shared timing harness for the capsparse benchmarks (``benchmarks/bench_*.py``).
 
-Protocol (``docs/benchmarks.md``; ``/work/shared/docs/kernels.md`` section 7):
+Protocol (``docs/benchmarks.md``):
 
 * ``torch.set_num_threads`` is pinned (default 2) before anything is timed;
 * every case gets warm-up runs, then ``reps`` timed runs; we report the **median** with the **min**

@@ -2,7 +2,7 @@
 
 The official code grows each bank by ``torch.cat([bank, batch_reps])`` after every batch of an encoding
 pass, which copies ``b * D * 4 * n(n+1)/2`` bytes for ``n = N / b`` batches: quadratic in N
-(cap-method.md section 7: about 6.4 TB of memcpy per pass for QQP at batch 32). capsparse writes each
+(the official code's growth by concatenation: about 6.4 TB of memcpy per pass for QQP at batch 32). capsparse writes each
 batch into a pre-allocated ``[N, R, D]`` bank by example id (linear). The encoder forward is the same
 for every provider and is left out (each batch's representations are pre-computed), so the times are
 the bank-building cost alone.

@@ -1,7 +1,7 @@
 """CAP contrastive loss: ``capsparse.ops.cap_contrastive_loss`` per backend vs a naive PyTorch loss.
 
-The naive loss is written the way the official CAP code does it (``/work/shared/docs/cap-method.md``
-sections 2.3-2.4 and 7): a Python-built per-row self-exclusion mask, float ``B x K`` id and label
+The naive loss is written the way the official CAP code does it (``docs/cap.md``,
+"The method as implemented"): a Python-built per-row self-exclusion mask, float ``B x K`` id and label
 masks, ``-1e6`` on the excluded logit, and the "official" normalisation (positives counted as the
 non-zero masked log-probabilities). Every row times forward + backward of ``w_u * L_u + w_s * L_s``
 with respect to the query, and reports the speedup against that naive loss measured in the same run.

@@ -6,7 +6,7 @@ and pass (speedup = dense median / provider median):
 
 * ``dense``: ``F.linear(X, W)`` (fwd), ``dY @ W`` (dX), ``dY^T @ X`` (dW);
 * ``torch bsr`` / ``torch csr``: ``torch.sparse.mm(W_bsr, X^T)`` and ``torch.sparse.mm(W^T_bsr, dY^T)``
-  (the fastest torch paths, ``/work/shared/docs/cpu-measurements.md`` section 1); dW as
+  (the fastest torch paths on this CPU); dW as
   ``torch.sparse.sampled_addmm`` for CSR (BSR has no CPU sampled product);
 * ``block_sparse_linear[<backend>]``: the backend primitives ``bsl_forward``, ``bsl_grad_input``,
   ``bsl_grad_weight`` for every backend (reference, cpu, triton, cuda);

@@ -7,10 +7,10 @@ contrastive terms of three banks, PrC / FiC / SnC with R = 1 and 4096 extra keys
 * ``capsparse block32``: ``capsparse.sparsify(model, block_size=32)``; block-sparse layers; movement
   scores per block (``capsparse.pruning``), masks recomputed with ``kthvalue`` top-k every step;
   pre-allocated banks (``capsparse.cap.banks.BankSet``) with on-device sampling and index gathers;
-  cached teacher logits (the teacher is frozen in eval mode, cap-method.md section 10.3), so no teacher
+  cached teacher logits (the teacher is frozen in eval mode, see docs/cap.md), so no teacher
   forward; ``capsparse.ops.cap_contrastive_loss`` (no ``B x K`` masks).
 * ``capsparse unstructured``: the same with element masks (``masked_linear``, ``W * M`` cached).
-* ``official-style``: written here to behave like the original code (cap-method.md section 7): every
+* ``official-style``: written here to behave like the original code (docs/cap.md, differences table): every
   encoder linear holds a score matrix, and **every forward** runs a full ``torch.sort`` of all scores
   (TopKBinarizer), rebuilds the dense ``W * M`` and multiplies densely; the teacher runs a forward every
   step; keys are gathered from fp32 CPU banks with ``numpy.random.choice`` extras and copied (the

@@ -3,7 +3,7 @@
 A bank is filled by a no-grad encoding pass that writes each batch into its rows by example id
 (no per-batch ``torch.cat``, so a pass costs one copy of the data, not the official quadratic
 re-concatenation). The SnC bank grows one slot per snapshot up to ``R_max`` (then the oldest slot is
-overwritten). Keys for the loss follow ``docs/cap.md`` / cap-method.md §2.3.
+overwritten). Keys for the loss follow ``docs/cap.md`` (Keys).
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ class BankSet:
 
     def keys_for(self, name: str, query: torch.Tensor, ids: torch.Tensor, labels: Optional[torch.Tensor],
                  n_extra_keys: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-        """``(keys, key_ids, key_labels, exclude_index)`` for bank ``name`` (cap-method.md §2.3).
+        """``(keys, key_ids, key_labels, exclude_index)`` for bank ``name`` (``docs/cap.md``, Keys).
 
         Keys: the batch's detached queries (positions ``0..B-1``, so ``exclude_index[i] = i``), then the
         batch's ``R`` bank vectors each, then ``floor(n_extra_keys / R)`` random examples' ``R`` vectors.

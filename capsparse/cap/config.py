@@ -223,7 +223,7 @@ class CAPConfig:
         return "\n".join(lines)
 
 
-# Published defaults (cap-method.md §4, §10.7). The matching TrainingArguments are in RECIPE_TRAINING.
+# Published defaults (docs/cap.md, Recipes). The matching TrainingArguments are in RECIPE_TRAINING.
 RECIPES = {
     "glue-unstructured": dict(method="movement", target_sparsity=0.9, temperature=0.1, w_u=0.1, w_s=10.0, w_ce=0.1,
                               w_kd=0.9, kd_temperature=2.0, representation="pooler", schedule_warmup=11000,
@@ -243,7 +243,7 @@ RECIPES = {
                              n_extra_keys=4096),
 }
 
-# The TrainingArguments of the official scripts, for reference (cap-method.md §4).
+# The TrainingArguments of the official scripts, for reference (docs/cap.md, Recipes).
 RECIPE_TRAINING = {
     "glue-unstructured": dict(num_train_epochs=10, per_device_train_batch_size=32, learning_rate=3e-5,
                               warmup_steps=11000, weight_decay=0.0, max_grad_norm=1.0, seed=42),
