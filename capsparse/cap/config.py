@@ -28,8 +28,9 @@ class CAPConfig:
         target_sparsity: final fraction of encoder-linear weights removed, in [0, 1). Soft movement does
             not set it directly (lambda does); it is then only the reference for the report.
         block_size: block side for "block-movement" (default 32), ``None`` otherwise.
-        block_score_mode: "exact" (dense dW' for the block scores, as nn_pruning) or "fast" (kept blocks only,
-            pruned blocks frozen).
+        block_score_mode: "exact" (dense dW' for the block scores, as nn_pruning), "fast" (kept blocks only,
+            pruned blocks frozen) or "sampled" (kept blocks exact, pruned blocks an unbiased estimate from 1/8
+            of the tokens).
         magnitude_scope: "local" (per matrix, official) or "global".
         score_lr: the score optimizer group's learning rate (no weight decay).
         score_init_mode, score_init, score_init_scale: how movement scores start. "magnitude" (default): at

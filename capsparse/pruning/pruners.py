@@ -27,7 +27,8 @@ from ..surgery import sparse_layers
 from .score_grad import MovementScoreFunction, _block_sum  # noqa: F401  (re-exported)
 
 SCORE_ATTR = "movement_scores"
-BLOCK_SCORE_MODES = ("exact", "fast")
+#: block-score gradient modes (capsparse.pruning.score_grad): "exact", "fast", "sampled"
+BLOCK_SCORE_MODES = ("exact", "fast", "sampled")
 #: "magnitude": scores start at the per-matrix standardised |W| (robust at short budgets, the default);
 #: "constant": every score starts at ``score_init`` (official: 0.0)
 SCORE_INIT_MODES = ("magnitude", "constant")
@@ -250,7 +251,9 @@ class MovementPruner(_ScorePruner):
     With block layouts, ``block_score_mode="exact"`` forms the dense ``dL/dW'`` for the score
     gradient (as nn_pruning does: pruned blocks keep moving and can come back); ``"fast"`` forms
     it on kept blocks only, and the trainer freezes the scores of pruned blocks
-    (:meth:`freeze_pruned` / :meth:`restore_frozen`), so a pruned block never returns.
+    (:meth:`freeze_pruned` / :meth:`restore_frozen`), so a pruned block never returns;
+    ``"sampled"`` takes kept blocks exactly from the block-sparse dW and pruned blocks from an
+    unbiased estimate over a token subsample (pruned blocks keep moving at a fraction of the cost).
     """
 
     name = "movement"
