@@ -38,7 +38,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .layout import pack_bits, unpack_bits
+from .layout import bitmap_from_blocks, pack_bits, unpack_bits
 from .nn.sparse_linear import SparseLinear
 
 FORMAT = "capsparse-compressed"
@@ -321,9 +321,7 @@ def load_compressed(path: PathLike, backend: Optional[str] = None, device: Union
                     blocks = f.get_tensor(f"{name}.weight.blocks" if v1 else f"{name}.weight").to(w.dtype)
                     view = w.view(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
                     view[idx[:, 0], idx[:, 1]] = blocks
-                    bitmap = torch.zeros(n // bm, k // bk, dtype=torch.bool)
-                    bitmap[idx[:, 0], idx[:, 1]] = True
-                    mod.set_mask(bitmap)
+                    mod.set_mask(bitmap_from_blocks(idx[:, 0], idx[:, 1], idx.shape[0], (n // bm, k // bk)))
                 else:
                     raise ValueError(f"{path}: layer {name!r} has unknown kind {info['kind']!r}")
                 mod.weight.copy_(w)

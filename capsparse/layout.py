@@ -79,6 +79,43 @@ def build_block_metadata(bitmap: torch.Tensor) -> dict:
                 block_rows=block_rows)
 
 
+# -- decoding: the one place metadata and block masks become bitmaps and element masks -------------------------
+
+def bitmap_from_compressed(ptr: torch.Tensor, idx: torch.Tensor, n_other: int) -> torch.Tensor:
+    """Bool ``[len(ptr) - 1, n_other]`` from compressed (CSR-style) indices: row ``r`` keeps the entries
+    ``idx[ptr[r]:ptr[r+1]]``; entries of ``idx`` past ``ptr[-1]`` are padding and ignored.
+
+    Decodes a layout's ``(row_ptr, row_cols)`` (block-rows), ``(col_ptr, col_rows)`` (block-columns: the
+    transposed bitmap), a BSR tensor's ``(crow_indices, col_indices)`` or a CSR mask's. Tensor ops only: the
+    padding lands in a spare row, so there is no host sync.
+    """
+    n = ptr.numel() - 1
+    capacity = idx.numel()
+    counts = torch.cat([ptr.diff(), (capacity - ptr[-1]).reshape(1)]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(n + 1, device=ptr.device), counts, output_size=capacity)
+    bitmap = torch.zeros(n + 1, n_other, dtype=torch.bool, device=ptr.device)
+    bitmap[rows, idx.to(device=ptr.device, dtype=torch.int64)] = True
+    return bitmap[:n]
+
+
+def bitmap_from_blocks(block_rows: torch.Tensor, block_cols: torch.Tensor, nnz, grid: Tuple[int, int]) -> torch.Tensor:
+    """Bool ``grid`` bitmap from a flat kept-block list: block ``i < nnz`` is ``(block_rows[i], block_cols[i])``;
+    the rest is padding. ``nnz`` may be a 0-dim tensor (no host sync) or an int."""
+    r, c = grid
+    device = block_rows.device
+    valid = torch.arange(block_rows.numel(), device=device) < nnz
+    rows = torch.where(valid, block_rows.to(torch.int64), r)  # padding -> spare row
+    bitmap = torch.zeros(r + 1, c, dtype=torch.bool, device=device)
+    bitmap[rows, block_cols.to(device=device, dtype=torch.int64)] = True
+    return bitmap[:r]
+
+
+def expand_bitmap(bitmap: torch.Tensor, block_size: Tuple[int, int]) -> torch.Tensor:
+    """Element mask ``[R * bm, C * bk]`` of a block bitmap ``[R, C]`` (same dtype as ``bitmap``)."""
+    bm, bk = block_size
+    return bitmap.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+
+
 @dataclass
 class BlockLayout:
     """Kept blocks of an ``N x K`` weight with block size ``(bm, bk)``, plus kernel metadata.
@@ -149,8 +186,7 @@ class BlockLayout:
 
     def to_dense_mask(self) -> torch.Tensor:
         """Element mask ``[N, K]`` (bool) of the kept blocks."""
-        bm, bk = self.block_size
-        return self.bitmap.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+        return expand_bitmap(self.bitmap, self.block_size)
 
     def density(self) -> torch.Tensor:
         return self.bitmap.float().mean() if self.bitmap.numel() else torch.tensor(0.0)
@@ -177,9 +213,7 @@ class BlockLayout:
         bm, bk = bsr.values().shape[-2:]
         crow, col = bsr.crow_indices(), bsr.col_indices()
         n, k = bsr.shape
-        bitmap = torch.zeros(n // bm, k // bk, dtype=torch.bool, device=bsr.device)
-        rows = torch.repeat_interleave(torch.arange(n // bm, device=bsr.device), crow.diff())
-        bitmap[rows, col] = True
+        bitmap = bitmap_from_compressed(crow, col, k // bk)
         return cls.from_bitmap(bitmap, (n, k), (int(bm), int(bk))), bsr.to_dense()
 
 
@@ -221,10 +255,7 @@ class ElementMask:
         """Returns ``(mask, dense_weight)``; the mask marks the stored entries."""
         if csr.layout != torch.sparse_csr:
             raise TypeError(f"csr: expected a torch.sparse_csr tensor, got layout {csr.layout}")
-        n, k = csr.shape
-        mask = torch.zeros(n, k, dtype=torch.bool, device=csr.device)
-        rows = torch.repeat_interleave(torch.arange(n, device=csr.device), csr.crow_indices().diff())
-        mask[rows, csr.col_indices()] = True
+        mask = bitmap_from_compressed(csr.crow_indices(), csr.col_indices(), csr.shape[1])
         return cls(mask), csr.to_dense()
 
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from capsparse.layout import (BlockLayout, ElementMask, normalize_block_size, pack_bits, topk_mask,
-                              unpack_bits)
+from capsparse.layout import (BlockLayout, ElementMask, bitmap_from_blocks, bitmap_from_compressed, expand_bitmap,
+                              normalize_block_size, pack_bits, topk_mask, unpack_bits)
 from _grid import python_metadata, random_bitmap
 
 
@@ -27,6 +27,35 @@ def test_metadata_matches_python_construction(grid, density):
         assert t.numel() == capacity and t.dtype == torch.int32
         assert (t[nnz:] == 0).all()
     assert layout.block_cols is layout.row_cols
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 3), (5, 4), (3, 12)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_the_one_decoder_gives_back_the_bitmap(grid, density):
+    """Every metadata form a backend reads (block-rows, block-columns, the flat list with a tensor or an int
+    nnz) decodes to the bitmap it was built from, the zero padding past nnz ignored; expand_bitmap is the
+    element mask."""
+    bitmap = random_bitmap(grid, density, torch.Generator().manual_seed(grid[0] * 5 + grid[1]))
+    if 0 < density < 1:  # a padded tail that must be ignored
+        bitmap[0, 0], bitmap[-1, -1] = True, False
+    layout = BlockLayout.from_bitmap(bitmap, (grid[0] * 16, grid[1] * 32), (16, 32))
+    r, c = grid
+    assert torch.equal(bitmap_from_compressed(layout.row_ptr, layout.row_cols, c), bitmap)
+    assert torch.equal(bitmap_from_compressed(layout.col_ptr, layout.col_rows, r), bitmap.t())
+    assert torch.equal(bitmap_from_blocks(layout.block_rows, layout.block_cols, layout.nnz, grid), bitmap)
+    assert torch.equal(bitmap_from_blocks(layout.block_rows, layout.block_cols, int(layout.nnz), grid), bitmap)
+    dense = expand_bitmap(bitmap, (16, 32))
+    assert dense.shape == (r * 16, c * 32) and torch.equal(dense, layout.to_dense_mask())
+    assert torch.equal(dense[::16, ::32], bitmap) and int(dense.sum()) == int(bitmap.sum()) * 16 * 32
+
+
+def test_decoder_puts_padding_nowhere():
+    """A padded tail of non-zero indices (the decoder must not trust padding to be 0) sets no entry."""
+    ptr = torch.tensor([0, 1, 1], dtype=torch.int32)
+    idx = torch.tensor([2, 1, 2, 0, 0, 0], dtype=torch.int32)  # one kept entry, five padding
+    assert bitmap_from_compressed(ptr, idx, 3).tolist() == [[False, False, True], [False, False, False]]
+    rows, cols = torch.tensor([1, 0, 1], dtype=torch.int32), torch.tensor([0, 2, 2], dtype=torch.int32)
+    assert bitmap_from_blocks(rows, cols, torch.tensor(1), (2, 3)).tolist() == [[False] * 3, [True, False, False]]
 
 
 def test_set_bitmap_rebuilds_in_place_and_counts_versions():

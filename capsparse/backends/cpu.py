@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..layout import bitmap_from_compressed, expand_bitmap
+
 _BUILD_HINT = "capsparse._C is not built; run `pip install -e . --no-build-isolation`"
 
 # Densities (kept blocks / capacity) above which the forward and dX use dense MKL with the masked
@@ -78,21 +80,6 @@ def _dense_above(bm: int, bk: int) -> float:
     return table.get(min(bm, bk), _DEFAULT_DENSE_ABOVE)
 
 
-def _bitmap(ptr: torch.Tensor, idx: torch.Tensor, n_other: int) -> torch.Tensor:
-    """Block bitmap ``[len(ptr)-1, n_other]`` from compressed (ptr, idx) metadata."""
-    n = ptr.numel() - 1
-    counts = ptr.diff().to(torch.int64)
-    nnz = int(ptr[-1])
-    rows = torch.repeat_interleave(torch.arange(n), counts)
-    bitmap = torch.zeros(n, n_other, dtype=torch.bool)
-    bitmap[rows, idx[:nnz].to(torch.int64)] = True
-    return bitmap
-
-
-def _expand(bitmap: torch.Tensor, bm: int, bk: int, dtype) -> torch.Tensor:
-    return bitmap.repeat_interleave(bm, 0).repeat_interleave(bk, 1).to(dtype)
-
-
 def _index(t: torch.Tensor) -> torch.Tensor:
     return t if (t.dtype == torch.int32 and t.is_contiguous()) else t.to(torch.int32).contiguous()
 
@@ -105,7 +92,7 @@ def bsl_forward(x, weight, bias, row_ptr, row_cols, bm: int, bk: int, out: Optio
     n, k = weight.shape
     capacity = (n // bm) * (k // bk)
     if capacity and int(row_ptr[-1]) > _dense_above(bm, bk) * capacity:
-        w = weight * _expand(_bitmap(row_ptr, row_cols, k // bk), bm, bk, weight.dtype)
+        w = weight * expand_bitmap(bitmap_from_compressed(row_ptr, row_cols, k // bk), (bm, bk)).to(weight.dtype)
         if out is not None:
             return torch.addmm(bias, x, w.t(), out=out) if bias is not None else torch.mm(x, w.t(), out=out)
         return F.linear(x, w, bias)
@@ -118,7 +105,7 @@ def bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm: int, bk: int, out: Opt
     n, k = weight.shape
     capacity = (n // bm) * (k // bk)
     if capacity and int(col_ptr[-1]) > _dense_above(bm, bk) * capacity:
-        w = weight * _expand(_bitmap(col_ptr, col_rows, n // bm).t(), bm, bk, weight.dtype)
+        w = weight * expand_bitmap(bitmap_from_compressed(col_ptr, col_rows, n // bm).t(), (bm, bk)).to(weight.dtype)
         return torch.mm(grad_y, w, out=out) if out is not None else grad_y @ w
     return _C().bsl_grad_input(grad_y.contiguous(), weight.contiguous(), _index(col_ptr), _index(col_rows),
                                int(bm), int(bk), out)

@@ -10,43 +10,26 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..layout import bitmap_from_blocks, bitmap_from_compressed, expand_bitmap
+
 
 def is_available() -> Tuple[bool, str]:
     return True, "always available"
 
 
-def _bitmap_from_rows(row_ptr: torch.Tensor, row_cols: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Bitmap ``[R, n_cols]`` from CSR-style block metadata; padding entries land in a spare row."""
-    r = row_ptr.numel() - 1
-    capacity = row_cols.numel()
-    counts = torch.cat([row_ptr.diff(), (capacity - row_ptr[-1]).reshape(1)]).to(torch.int64)
-    rows = torch.repeat_interleave(torch.arange(r + 1, device=row_ptr.device), counts, output_size=capacity)
-    bitmap = torch.zeros(r + 1, n_cols, dtype=torch.bool, device=row_ptr.device)
-    bitmap[rows, row_cols.to(torch.int64)] = True
-    return bitmap[:r]
-
-
-def _expand(bitmap: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
-    return bitmap.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
-
-
 def bsl_forward(x, weight, bias, row_ptr, row_cols, bm: int, bk: int):
-    bitmap = _bitmap_from_rows(row_ptr, row_cols, weight.shape[1] // bk)
-    return F.linear(x, weight * _expand(bitmap, bm, bk).to(weight.dtype), bias)
+    bitmap = bitmap_from_compressed(row_ptr, row_cols, weight.shape[1] // bk)
+    return F.linear(x, weight * expand_bitmap(bitmap, (bm, bk)).to(weight.dtype), bias)
 
 
 def bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm: int, bk: int):
-    bitmap_t = _bitmap_from_rows(col_ptr, col_rows, weight.shape[0] // bm)
-    return grad_y @ (weight * _expand(bitmap_t.t(), bm, bk).to(weight.dtype))
+    bitmap_t = bitmap_from_compressed(col_ptr, col_rows, weight.shape[0] // bm)
+    return grad_y @ (weight * expand_bitmap(bitmap_t.t(), (bm, bk)).to(weight.dtype))
 
 
 def bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm: int, bk: int):
-    n, k = grad_y.shape[1], x.shape[1]
-    valid = torch.arange(block_rows.numel(), device=x.device) < nnz
-    rows = torch.where(valid, block_rows.to(torch.int64), n // bm)  # padding -> spare row
-    bitmap = torch.zeros(n // bm + 1, k // bk, dtype=torch.bool, device=x.device)
-    bitmap[rows, block_cols.to(torch.int64)] = True
-    return (grad_y.t() @ x) * _expand(bitmap[:-1], bm, bk).to(x.dtype)
+    bitmap = bitmap_from_blocks(block_rows, block_cols, nnz, (grad_y.shape[1] // bm, x.shape[1] // bk))
+    return (grad_y.t() @ x) * expand_bitmap(bitmap, (bm, bk)).to(x.dtype)
 
 
 def masked_linear_forward(x, masked_weight, bias):
