@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layout import BlockLayout, BlockSize, check_block_divides, check_block_mask, normalize_block_size
+from ..layout import (BlockLayout, BlockSize, check_block_divides, check_block_mask, expand_bitmap,
+                      normalize_block_size)
 from ..ops.block_sparse_linear import block_sparse_linear
 from ..ops.masked_linear import check_mask, masked_linear
 
@@ -97,8 +98,7 @@ class SparseLinear(nn.Module):
         """The ``[out, in]`` bool mask (expanded from the block mask for block layouts)."""
         if self.block_size is None:
             return self.mask
-        bm, bk = self.block_size
-        return self.block_mask.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+        return expand_bitmap(self.block_mask, self.block_size)
 
     @property
     def density(self) -> float:
