@@ -28,6 +28,9 @@ LAYERS = {
 }
 #: the one name any layer may take from the facade
 FACADE_NAMES = {"__version__"}
+#: from pruning up (the facade aside), kernels are reached through the ops (which resolve the backend before
+#: autograd), never through capsparse.backends: no second place that chooses a backend or skips an op's checks
+THROUGH_OPS_FROM = LAYERS["pruning"]
 
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
@@ -88,6 +91,39 @@ def test_no_import_points_up():
                 upward.append(f"{path.relative_to(ROOT.parent)}:{line}: {here} (layer {mine}) imports {target} "
                               f"(layer {theirs})")
     assert not upward, "imports that point up:\n" + "\n".join(upward)
+
+
+def _skips_the_ops(module: str, target: str) -> bool:
+    mine = LAYERS.get(_layer_key(module))
+    return (_layer_key(target) == "backends" and mine is not None
+            and THROUGH_OPS_FROM <= mine < LAYERS[""])
+
+
+def test_pruning_and_above_go_through_the_ops():
+    """pruning, cap, app (and everything above them) never import capsparse.backends: the functional ops
+    (capsparse.ops.*) choose the backend, in one place."""
+    skipping = []
+    for path in _files():
+        here = _module_name(path)
+        for target, _, line in _imports(path):
+            if _skips_the_ops(here, target):
+                skipping.append(f"{path.relative_to(ROOT.parent)}:{line}: {here} imports {target}")
+    assert not skipping, "imports of the backends above the ops (call a capsparse.ops function):\n" + \
+        "\n".join(skipping)
+
+
+@pytest.mark.parametrize("package", ["pruning", "cap", "app"])
+@pytest.mark.parametrize("source", ["from ..backends.registry import resolve_backend\n",
+                                    "def f():\n    import capsparse.backends.cpu\n",
+                                    "from capsparse import backends\n"])
+def test_the_checker_sees_a_backend_import_above_the_ops(tmp_path, package, source):
+    fake_root = tmp_path / "capsparse"
+    (fake_root / package).mkdir(parents=True)
+    path = fake_root / package / "probe.py"
+    path.write_text(source)
+    here = _module_name(path, fake_root)
+    assert any(_skips_the_ops(here, target) for target, _, _ in _imports(path, fake_root))
+    assert not _skips_the_ops("capsparse.ops.probe", "capsparse.backends.registry")  # the ops may
 
 
 @pytest.mark.parametrize("source, expected", [

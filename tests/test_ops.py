@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from capsparse.backends import available_backends
 from capsparse.layout import BlockLayout
-from capsparse.ops import (block_sparse_linear, block_sparse_linear_reference, cap_contrastive_loss,
+from capsparse.ops import (block_sparse_grad_weight, block_sparse_linear, block_sparse_linear_reference, cap_contrastive_loss,
                            cap_contrastive_loss_reference, masked_linear, masked_linear_reference)
 from _grid import assert_within_torch_error, random_layout
 
@@ -54,6 +54,27 @@ def test_block_sparse_linear_matches_reference(backend, case, density, dtype):
         assert_within_torch_error(a, t, r, FLOORS[dtype], name=f"{backend} {name}")
     mask = layout.to_dense_mask()
     assert (got[2][~mask] == 0).all(), "dW must be exactly zero outside kept blocks"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + [None])
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"{c[0]}x{c[1]}-b{c[2]}")
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_sparse_grad_weight_matches_masked_product(backend, case, density, dtype):
+    """The functional dW (block movement scores use it): ``g^T x`` on kept blocks, exactly 0 elsewhere, with the
+    backend resolved by the op (``None``: the device default)."""
+    if backend is not None:
+        require(backend)
+    n, k, block, _ = case
+    layout = random_layout((n, k), block, density, seed=n * k)
+    x64, g64 = torch.randn(29, k, dtype=torch.float64), torch.randn(29, n, dtype=torch.float64)
+    got = block_sparse_grad_weight(g64.to(dtype), x64.to(dtype), layout, backend=backend)
+    mask = layout.to_dense_mask()
+    want = (g64.t() @ x64) * mask
+    assert got.dtype == dtype and got.shape == (n, k)
+    assert (got[~mask] == 0).all()
+    same = (g64.to(dtype).t() @ x64.to(dtype)) * mask.to(dtype)
+    assert_within_torch_error(got, same, want, FLOORS[dtype], name=f"dW {backend}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -93,6 +93,23 @@ class BlockSparseLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def block_sparse_grad_weight(grad_y: torch.Tensor, x: torch.Tensor, layout: BlockLayout, backend: Optional[str] = None,
+                             density: Optional[float] = None) -> torch.Tensor:
+    """``grad_y^T @ x`` on the kept blocks of ``layout`` (exactly 0 elsewhere), outside autograd: the
+    block-sparse dW on its own, for callers that need the product itself (movement pruning's block scores).
+
+    ``grad_y``: ``(T, out_features)``, ``x``: ``(T, in_features)``; ``backend`` and ``density`` as in
+    :func:`block_sparse_linear` (the backend is resolved here, so callers never import the backends).
+    """
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout: expected a capsparse.layout.BlockLayout, got {type(layout).__name__}")
+    name = resolve_backend(x.device, backend, op="block_sparse_grad_weight")
+    bm, bk = layout.block_size
+    hint = -1.0 if density is None else float(density)
+    return _bsl_grad_weight(grad_y.to(x.dtype).contiguous(), x.contiguous(), layout.block_rows, layout.block_cols,
+                            layout.nnz, bm, bk, name, hint)
+
+
 def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout,
                         bias: Optional[torch.Tensor] = None, backend: Optional[str] = None,
                         density: Optional[float] = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..backends.registry import resolve_backend
+from ..ops.block_sparse_linear import block_sparse_grad_weight
 
 #: share of the tokens used for the pruned blocks' estimate in ``"sampled"`` mode
 SAMPLE_FRACTION = 0.125
@@ -47,13 +47,8 @@ def sample_tokens(t: int, fraction: float, device, generator: Optional[torch.Gen
 
 
 def _kept_block_grad(layer, layout, g2, x2):
-    from ..ops import block_sparse_linear as _bsl  # noqa: F401  (registers capsparse::bsl_grad_weight)
-
-    name = resolve_backend(x2.device, layer.backend, op="block movement scores")
-    bm, bk = layout.block_size
-    # through the registered op (checks, fake impl, compile), never the backend module directly
-    return torch.ops.capsparse.bsl_grad_weight(g2.to(x2.dtype).contiguous(), x2.contiguous(), layout.block_rows,
-                                               layout.block_cols, layout.nnz, bm, bk, name, -1.0)
+    # the functional op resolves the layer's backend and runs the registered capsparse::bsl_grad_weight
+    return block_sparse_grad_weight(g2, x2, layout, backend=layer.backend)
 
 
 def sampled_block_score_grad(layer, layout, g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
