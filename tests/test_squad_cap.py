@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from _tiny import pad_collator, tiny_args, tiny_bert, tiny_cap_config, tiny_qa_bert, tiny_qa_dataset
 from capsparse.cap import CAPConfig
 from capsparse.cap.banks import BankSet
+from capsparse.cap.heads import QuestionAnsweringHead
 from capsparse.cap.losses import QA_PAD_LOGIT, cap_objective, qa_kd_loss, qa_task_loss
 from capsparse.cap.trainer import CAPTrainer
 
@@ -115,7 +116,8 @@ def test_cap_objective_qa_matches_plain_torch():
     mask[1, 7:] = 0
     teacher = torch.randn(n, length, 2, generator=g)[ids]
     total, parts = cap_objective(cfg, logits, positions, ids, query, banks=banks, teacher_logits=teacher,
-                                 contrastive_labels=None, qa=True, attention_mask=mask)
+                                 contrastive_labels=None, attention_mask=mask,
+                                 head=QuestionAnsweringHead())
     assert set(parts) == {"ce", "kd", "prc_u", "fic_u", "snc_u"}  # no supervised terms without labels
 
     ce = (F.cross_entropy(logits[..., 0], positions[:, 0]) + F.cross_entropy(logits[..., 1], positions[:, 1])) / 2

@@ -4,7 +4,8 @@
 
 The contrastive terms use :func:`capsparse.ops.cap_contrastive_loss` per bank, with the keys of
 :meth:`capsparse.cap.banks.BankSet.keys_for`. Teacher logits come from the per-example cache filled
-during the FiC encoding pass.
+during the FiC encoding pass. Which task and KD losses apply is the task head's
+(:mod:`capsparse.cap.heads`).
 
 Question answering (SQuAD, official ``masked_run_squad.py``): the logits are ``[B, L, 2]`` (start, end),
 the labels ``[B, 2]`` (start, end token positions). CE is the mean of the start and end cross-entropies
@@ -125,35 +126,35 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean") * t * t
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, qa: bool = False) -> torch.Tensor:
-    """CE (classification), MSE (regression) or the start/end CE of :func:`qa_task_loss` (``qa``)."""
-    if qa:
-        return qa_task_loss(logits, labels)
-    if regression:
-        return F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE over ``[B, C]`` logits."""
     return F.cross_entropy(logits.float(), labels.long())
+
+
+def regression_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MSE of the ``[B, 1]`` predictions."""
+    return F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
 
 
 def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
                   query: Optional[torch.Tensor], banks=None, teacher_logits: Optional[torch.Tensor] = None,
                   contrastive_labels: Optional[torch.Tensor] = None, regularization: Optional[torch.Tensor] = None,
-                  reg_lambda: float = 0.0, regression: bool = False, use_contrastive: bool = True,
-                  qa: bool = False, attention_mask: Optional[torch.Tensor] = None
-                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                  reg_lambda: float = 0.0, use_contrastive: bool = True, attention_mask: Optional[torch.Tensor] = None,
+                  head=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """``(total, components)``; components are detached scalars (ce, kd, <bank>_u, <bank>_s, l1).
 
-    ``qa``: ``logits`` are ``[B, L, 2]`` start/end logits and ``labels`` ``[B, 2]`` positions; KD uses
-    :func:`qa_kd_loss` with ``attention_mask``. The contrastive terms need no labels (``contrastive_labels=None``:
-    unsupervised positives only)."""
+    ``head``: the task head (:mod:`capsparse.cap.heads`) whose ``task_loss`` and ``kd_loss`` (given
+    ``attention_mask``) apply; ``None``: classification (CE, ``T^2 * KL``). ``contrastive_labels=None``:
+    unsupervised positives only (question answering has no labels to compare)."""
     parts: Dict[str, torch.Tensor] = {}
-    ce = task_loss(logits, labels, regression, qa=qa)
+    ce = head.task_loss(logits, labels) if head is not None else classification_loss(logits, labels)
     total = config.w_ce * ce
     parts["ce"] = ce.detach()
     if teacher_logits is not None and config.w_kd > 0:
-        if qa:
-            kd = qa_kd_loss(logits, teacher_logits, config.kd_temperature, attention_mask)
+        if head is not None:
+            kd = head.kd_loss(logits, teacher_logits, config.kd_temperature, attention_mask)
         else:
-            kd = kd_loss(logits, teacher_logits.to(logits.device), config.kd_temperature, regression)
+            kd = kd_loss(logits, teacher_logits.to(logits.device), config.kd_temperature)
         total = total + config.w_kd * kd
         parts["kd"] = kd.detach()
     if use_contrastive and banks is not None and query is not None:

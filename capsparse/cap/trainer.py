@@ -31,7 +31,8 @@ from ..resources import GracefulStopCallback
 from ..surgery import exact_state_dict, sparse_layers, sparsify
 from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
-from .losses import QA_PAD_LOGIT, RepresentationTap, cap_objective, task_loss
+from .heads import check_teacher, is_qa_model, task_head  # noqa: F401  (is_qa_model: re-exported)
+from .losses import RepresentationTap, cap_objective
 
 CAP_STATE_NAME = "cap_state.pt"
 
@@ -113,28 +114,12 @@ class CAPTrainer(transformers.Trainer):
                              "scaler); on the CPU use bf16=True, or neither")
         cfg = cap_config
         self.cap_config = cfg
-        self.qa = is_qa_model(model)
-        self._ids, self._train_labels = _read_ids_and_labels(train_dataset, qa=self.qa)
+        self.head = task_head(model)  # everything that differs between tasks
+        self._ids, self._train_labels = self.head.prepare(cfg, train_dataset)
         self.n_examples = len(self._ids)
-        self.regression = not self.qa and (model.config.problem_type == "regression" or model.config.num_labels == 1)
-        self._bin_edges = None
-        self._qa_length = _max_length(train_dataset) if self.qa else None
-        if self.qa and cfg.use_cap and cfg.w_s > 0:
-            raise ValueError(f"w_s: supervised positives compare class labels, but question answering has none; set "
-                             f"w_s=0 (the 'squad-unstructured' / 'squad-structured' recipes do), got w_s={cfg.w_s}")
-        if self.qa and cfg.use_cap and cfg.representation == "pooler":
-            raise ValueError("representation='pooler': question-answering models have no pooler; use 'cls' (the "
-                             "official SQuAD representation, as the 'squad-*' recipes) or 'mean'")
-        if self.regression and cfg.use_cap and cfg.w_s > 0:
-            if cfg.regression_bins is None:
-                raise ValueError("w_s: supervised positives compare class labels, but this is a regression task "
-                                 "(num_labels == 1); set w_s=0, or regression_bins=<k> to bin the targets into "
-                                 "k quantile bins")
-            qs = torch.linspace(0, 1, cfg.regression_bins + 1)[1:-1]
-            self._bin_edges = torch.quantile(self._train_labels.float(), qs)
         self.needs_teacher = cfg.w_kd > 0 or "fic" in cfg.active_banks
         if teacher is not None:
-            _check_teacher(teacher, model)
+            check_teacher(teacher, model)
         self.teacher = teacher
         self._dense_copy = copy.deepcopy(model) if (teacher is None and self.needs_teacher) else None
 
@@ -154,6 +139,8 @@ class CAPTrainer(transformers.Trainer):
                               score_init_mode=cfg.score_init_mode, score_init_scale=cfg.score_init_scale)
                 if cfg.method == "soft-movement":
                     kwargs["min_keep"] = cfg.soft_min_keep
+                else:
+                    kwargs.update(score_criterion=cfg.score_criterion, saliency_betas=cfg.saliency_betas)
             self.pruner = build_pruner(cfg.method, model, **kwargs)
             self.pruner.check_reachable(cfg.target_sparsity, cfg.sparsity_tolerance)
         if cfg.embeddings_frozen:
@@ -211,55 +198,18 @@ class CAPTrainer(transformers.Trainer):
             yield self._prepare_inputs(batch)
 
     # -- representations and loss -------------------------------------------------------------------------
-    def _split_batch(self, batch):
-        """``(model inputs, labels, ids)``; QA labels are ``[B, 2]`` (start, end positions)."""
-        batch = dict(batch)
-        ids = batch.pop("idx", None)
-        if self.qa:
-            start, end = batch.pop("start_positions", None), batch.pop("end_positions", None)
-            labels = None if start is None or end is None else torch.stack([start.reshape(-1), end.reshape(-1)], 1)
-            batch.pop("labels", None)
-            batch.pop("label", None)
-            return batch, labels, ids
-        labels = batch.pop("labels", None)
-        if labels is None:
-            labels = batch.pop("label", None)
-        return batch, labels, ids
-
-    def _logits(self, outputs):
-        """Classification logits ``[B, C]``, or QA start/end logits stacked to ``[B, L, 2]``."""
-        if self.qa:
-            return torch.stack([outputs["start_logits"], outputs["end_logits"]], dim=-1)
-        return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-
     def _encode_fn(self, tap, want_logits):
-        kind = self.cap_config.representation
+        kind, head = self.cap_config.representation, self.head
 
         def fn(model, batch):
-            batch, _, _ = self._split_batch(batch)
+            batch, _, _ = head.split(batch)
             tap.clear()
             out = model(**batch)
             reps = tap.representation(kind, batch.get("attention_mask"), query=False)
             if not want_logits:
                 return reps, None
-            logits = self._logits(out)
-            if self.qa:  # a fixed width for the per-feature cache (batches are padded to different lengths)
-                mask = batch.get("attention_mask")
-                if mask is not None:  # padding positions hold a constant: the cache does not depend on the batch
-                    logits = logits.masked_fill(~mask.bool().unsqueeze(-1), QA_PAD_LOGIT)
-                width = self._qa_length
-                if logits.shape[1] < width:
-                    logits = torch.nn.functional.pad(logits, (0, 0, 0, width - logits.shape[1]), value=QA_PAD_LOGIT)
-                logits = logits[:, :width]
-            return reps, logits
+            return reps, head.cache_logits(head.logits(out), batch.get("attention_mask"))
         return fn
-
-    def _contrastive_labels(self, labels):
-        if self.cap_config.w_s <= 0 or self.qa:
-            return None
-        if self.regression:
-            return torch.bucketize(labels.float().reshape(-1), self._bin_edges.to(labels.device), right=True)
-        return labels.long()
 
     def _current_lambda(self) -> float:
         if self.cap_config.method != "soft-movement" or self.schedule is None:
@@ -276,21 +226,19 @@ class CAPTrainer(transformers.Trainer):
             query = self.tap.representation(cfg.representation, attention_mask, query=True)
         reg = self.pruner.regularization() if self.pruner is not None else None
         return cap_objective(cfg, logits, labels, ids, query, banks=self.banks if query is not None else None,
-                             teacher_logits=teacher_logits, contrastive_labels=self._contrastive_labels(labels),
-                             regularization=reg, reg_lambda=self._current_lambda(), regression=self.regression,
-                             use_contrastive=use_contrastive, qa=self.qa, attention_mask=attention_mask)
+                             teacher_logits=teacher_logits, contrastive_labels=self.head.contrastive_labels(labels),
+                             regularization=reg, reg_lambda=self._current_lambda(), use_contrastive=use_contrastive,
+                             attention_mask=attention_mask, head=self.head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs, labels, ids = self._split_batch(inputs)
+        inputs, labels, ids = self.head.split(inputs)
         if labels is None:
-            raise ValueError("inputs: expected 'start_positions' and 'end_positions' columns for CAP training of a "
-                             "question-answering model, found none" if self.qa else
-                             "inputs: expected a 'labels' column for CAP training, found none")
+            raise ValueError(self.head.missing_labels)
         self.tap.clear()
         outputs = model(**inputs)
-        logits = self._logits(outputs)
+        logits = self.head.logits(outputs)
         if not model.training or ids is None:  # evaluation: the task loss only
-            loss = task_loss(logits, labels, self.regression, qa=self.qa)
+            loss = self.head.task_loss(logits, labels)
         else:
             loss, parts = self._objective(logits, labels, ids, inputs.get("attention_mask"))
             for k, v in parts.items():
@@ -388,7 +336,7 @@ class CAPTrainer(transformers.Trainer):
         return reps
 
     def _allocate_banks(self, reps):
-        labels = self._contrastive_labels(self._train_labels) if self.cap_config.w_s > 0 else None
+        labels = None if self._train_labels is None else self.head.contrastive_labels(self._train_labels)
         return BankSet.allocate(self.n_examples, self.model.config.hidden_size, reps, self.cap_config.bank_dtype,
                                 self.cap_config.bank_device, self.args.device, labels=labels,
                                 seed=self.args.seed + 17 * rank())
@@ -438,10 +386,10 @@ class CAPTrainer(transformers.Trainer):
 
     def _importance_loss(self, use_contrastive):
         def loss_fn(batch):
-            batch, labels, ids = self._split_batch(batch)
+            batch, labels, ids = self.head.split(batch)
             self.tap.clear()
             out = self.model(**batch)
-            loss, _ = self._objective(self._logits(out), labels, ids, batch.get("attention_mask"), use_contrastive)
+            loss, _ = self._objective(self.head.logits(out), labels, ids, batch.get("attention_mask"), use_contrastive)
             return loss
         return loss_fn
 
@@ -644,80 +592,6 @@ class CAPTrainer(transformers.Trainer):
         if self.pruner is not None:
             self.pruner.remove()
         self.tap.remove()
-
-
-def is_qa_model(model) -> bool:
-    """True for extractive question-answering heads (``...ForQuestionAnswering``: start/end logits)."""
-    return type(model).__name__.endswith("ForQuestionAnswering")
-
-
-def _max_length(ds) -> int:
-    """The longest ``input_ids`` of the training data (the width of the teacher's start/end logit cache)."""
-    cols = getattr(ds, "column_names", None)
-    rows = ds["input_ids"] if cols is not None else (ds[i]["input_ids"] for i in range(len(ds)))
-    return max(len(r) for r in rows)
-
-
-def _read_ids_and_labels(ds, qa: bool = False):
-    """``(ids, labels by id)``; question answering: ``labels`` is ``None`` (start/end positions are not
-    class labels), after checking the position columns exist."""
-    cols = getattr(ds, "column_names", None)
-    if cols is not None:
-        if "idx" not in cols:
-            raise ValueError(f"train_dataset: expected an 'idx' column (example id 0..N-1) for the CAP banks, got "
-                             f"columns {cols}; add it with dataset.map(lambda e, i: {{'idx': i}}, with_indices=True)")
-        if qa:
-            missing = [c for c in ("start_positions", "end_positions") if c not in cols]
-            if missing:
-                raise ValueError(f"train_dataset: a question-answering model needs {missing} columns (e.g. from "
-                                 f"capsparse.data.prepare_train_features), got columns {cols}")
-            return _check_ids(torch.as_tensor(list(ds["idx"]), dtype=torch.int64)), None
-        label_col = "labels" if "labels" in cols else "label" if "label" in cols else None
-        if label_col is None:
-            raise ValueError(f"train_dataset: expected a 'labels' column, got columns {cols}")
-        ids = torch.as_tensor(list(ds["idx"]), dtype=torch.int64)
-        labels = torch.as_tensor(list(ds[label_col]))
-    else:
-        first = ds[0]
-        if "idx" not in first:
-            raise ValueError(f"train_dataset: expected each example to have 'idx' (example id 0..N-1) for the CAP "
-                             f"banks, got keys {sorted(first)}")
-        ids = torch.as_tensor([int(ds[i]["idx"]) for i in range(len(ds))], dtype=torch.int64)
-        if qa:
-            if "start_positions" not in first or "end_positions" not in first:
-                raise ValueError(f"train_dataset: a question-answering model needs 'start_positions' and "
-                                 f"'end_positions', got keys {sorted(first)}")
-            return _check_ids(ids), None
-        labels = torch.as_tensor([ds[i]["labels"] if "labels" in ds[i] else ds[i]["label"] for i in range(len(ds))])
-    _check_ids(ids)
-    by_id = torch.empty_like(labels)
-    by_id[ids] = labels
-    return ids, by_id
-
-
-def _check_ids(ids: torch.Tensor) -> torch.Tensor:
-    n = ids.numel()
-    if n == 0 or not torch.equal(torch.sort(ids).values, torch.arange(n)):
-        raise ValueError(f"train_dataset: expected 'idx' to hold each example id 0..{n - 1} exactly once")
-    return ids
-
-
-def _check_teacher(teacher, model):
-    if is_qa_model(teacher) != is_qa_model(model):
-        raise ValueError(f"teacher: expected a {'question-answering' if is_qa_model(model) else 'classification'} "
-                         f"model like the student ({type(model).__name__}), got {type(teacher).__name__}")
-    if is_qa_model(model):
-        return  # start/end logits over tokens: no label order to compare
-    t, s = teacher.config, model.config
-    if t.num_labels != s.num_labels:
-        raise ValueError(f"teacher: expected num_labels={s.num_labels} (the student's), got {t.num_labels}; KD and "
-                         f"FiC need a teacher fine-tuned on the same task")
-    t_map = {str(k): int(v) for k, v in (getattr(t, "label2id", None) or {}).items()}
-    s_map = {str(k): int(v) for k, v in (getattr(s, "label2id", None) or {}).items()}
-    generic = lambda m: all(k == f"LABEL_{v}" for k, v in m.items())  # noqa: E731 (transformers' default names)
-    if t_map and s_map and not generic(t_map) and not generic(s_map) and t_map != s_map:
-        raise ValueError(f"teacher: label2id {t_map} does not match the student's {s_map}; the logits would be "
-                         f"compared in a different label order (e.g. MNLI)")
 
 
 def prune_model(model, train_dataset, cap_config: Optional[CAPConfig] = None, output_dir: str = "capsparse-prune",
