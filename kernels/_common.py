@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_BLOCKS = (16, 32, 64, 128)  # 32/64/128 are the targets; 16 works (tl.dot minimum)
+# the layout's block sides (32/64/128 are the targets; 16 works: the tl.dot minimum)
+from ..layout import SUPPORTED_BLOCK_SIZES
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -58,8 +60,8 @@ def check_device_usable(name: str, t: torch.Tensor) -> None:
 
 
 def check_block(name: str, value: int) -> None:
-    if value not in SUPPORTED_BLOCKS:
-        raise ValueError(f"{name}: expected a block size in {SUPPORTED_BLOCKS}, got {value}")
+    if value not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"{name}: expected a block size in {SUPPORTED_BLOCK_SIZES}, got {value}")
 
 
 def dot_flags(dtype: torch.dtype) -> Dict[str, object]:
@@ -97,7 +99,7 @@ def launch_guard(t: torch.Tensor):
 # 8 warps, 3-4 stages. Chosen so that ptxas reports no register spills when compiled for sm_90 and
 # sm_80 (tests/test_triton_aot.py prints the table); fp32 operands use smaller token tiles (_FP32).
 _H100_TABLE: Dict[Tuple[str, int], Tuple[Tuple[float, Dict[str, int]], ...]] = {}
-for _b in SUPPORTED_BLOCKS:
+for _b in SUPPORTED_BLOCK_SIZES:
     _inner = 32 if _b == 128 else _b  # K step of the MMA loop inside one block
     _t = 64 if _b == 128 else 128
     _H100_TABLE[("fwd", _b)] = ((1.01, {"BLOCK_T": _t, "BLOCK_K": _inner, "num_warps": 8, "num_stages": 4}),)

@@ -36,11 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.reference import check_normalization
 from ._common import check_device_usable, check_tensor, dot_flags, interpreting, launch_guard
 
 __all__ = ["cap_contrastive", "cap_contrastive_stats", "contrastive_config", "contrastive_meta"]
 
-_NORMALIZATIONS = ("official", "supcon")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
@@ -351,8 +351,7 @@ def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_
     int64 (B,) with -1 for none. Keys are constants. Losses are fp32 0-dim, grads in q's dtype; the
     two gradients are separate tensors (custom ops reject outputs that alias each other).
     """
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"normalization: expected one of {_NORMALIZATIONS}, got {normalization!r}")
+    check_normalization(normalization)
     q, k = q.contiguous(), k.contiguous()
     lse, cnt_u, sum_u, cnt_s, sum_s = cap_contrastive_stats(q, k, query_ids, key_ids, query_labels, key_labels,
                                                             exclude_index, temperature)

@@ -224,6 +224,21 @@ def test_contrastive_gradcheck_reference():
 
 
 # -- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_contrastive_backend_refuses_an_unknown_normalization(backend):
+    """The backends check against the one NORMALIZATIONS tuple (the reference once read anything but 'official'
+    as 'supcon')."""
+    require(backend)
+    from capsparse.backends import get_backend
+    from capsparse.ops.contrastive import NORMALIZATIONS
+
+    assert NORMALIZATIONS == ("official", "supcon")
+    q = F.normalize(torch.randn(3, 8), dim=1)
+    ids = torch.arange(3)
+    with pytest.raises(ValueError, match=r"normalization: expected one of \('official', 'supcon'\), got 'mean'"):
+        get_backend(backend).cap_contrastive(q, q, ids, ids, None, None, torch.full((3,), -1), 0.1, "mean")
+
+
 def test_bad_inputs_name_the_argument():
     layout = BlockLayout.dense((32, 32), 16)
     w = torch.randn(32, 32)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..layout import bitmap_from_compressed, expand_bitmap
+from .reference import check_normalization
 
 _BUILD_HINT = "capsparse._C is not built; run `pip install -e . --no-build-isolation`"
 
@@ -233,8 +234,7 @@ def masked_linear_forward(x, masked_weight, bias):
 def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_index,
                     temperature: float, normalization: str):
     """Fused CAP losses and grads wrt ``q`` (see docs/design.md); keys are constants."""
-    if normalization not in ("official", "supcon"):
-        raise ValueError(f"normalization: expected 'official' or 'supcon', got {normalization!r}")
+    check_normalization(normalization)
     ql = kl = None
     if query_labels is not None and key_labels is not None:
         ql, kl = query_labels.to(torch.int64), key_labels.to(torch.int64)

@@ -25,6 +25,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import reference
+from .reference import check_normalization
+
 #: False until tests/test_cuda_backend.py has passed on a real GPU (then record the GPU in docs/cuda.md).
 VERIFIED_ON_GPU = False
 
@@ -78,16 +81,10 @@ def _supported(bm: int, bk: int) -> bool:
     return (int(bm), int(bk)) in SUPPORTED_BLOCKS
 
 
-def _reference():
-    from capsparse.backends import reference  # noqa: PLC0415
-
-    return reference
-
-
 def bsl_forward(x, weight, bias, row_ptr, row_cols, bm: int, bk: int):
     """``y[T,N] = sum over kept blocks of x[:, cols(c)] @ W[rows(r), cols(c)]^T (+ bias)``."""
     if not _supported(bm, bk):
-        return _reference().bsl_forward(x, weight, bias, row_ptr, row_cols, bm, bk)
+        return reference.bsl_forward(x, weight, bias, row_ptr, row_cols, bm, bk)
     return _C().bsl_forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                             _index(row_ptr), _index(row_cols), int(bm), int(bk))
 
@@ -95,7 +92,7 @@ def bsl_forward(x, weight, bias, row_ptr, row_cols, bm: int, bk: int):
 def bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm: int, bk: int):
     """``grad_x[T,K]`` over block-columns (no transposed copy of W)."""
     if not _supported(bm, bk):
-        return _reference().bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm, bk)
+        return reference.bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm, bk)
     return _C().bsl_grad_input(grad_y.contiguous(), weight.contiguous(), _index(col_ptr), _index(col_rows),
                                int(bm), int(bk))
 
@@ -103,7 +100,7 @@ def bsl_grad_input(grad_y, weight, col_ptr, col_rows, bm: int, bk: int):
 def bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm: int, bk: int):
     """``grad_w[N,K]``: kept blocks ``grad_y^T @ x`` (split-K, deterministic), exactly 0 elsewhere."""
     if not _supported(bm, bk):
-        return _reference().bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm, bk)
+        return reference.bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm, bk)
     if not isinstance(nnz, torch.Tensor):
         nnz = torch.tensor(int(nnz), dtype=torch.int64, device=x.device)
     elif nnz.dtype != torch.int64 or nnz.device != x.device:
@@ -125,11 +122,6 @@ def build_block_metadata(bitmap: torch.Tensor):
     return _C().build_block_metadata(bitmap)
 
 
-def _check_norm(normalization: str) -> None:
-    if normalization not in ("official", "supcon"):
-        raise ValueError(f"normalization: expected 'official' or 'supcon', got {normalization!r}")
-
-
 def _i64(t: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
     return None if t is None else t.to(device=device, dtype=torch.int64).contiguous()
 
@@ -144,7 +136,7 @@ def cap_contrastive_bank(q, bank, key_index, query_ids, key_ids, query_labels=No
     and ``exclude_index`` refer to these ``K + E`` keys. Returns
     ``(loss_u, loss_s | None, grad_q_u, grad_q_s | None)`` as in ``docs/design.md``.
     """
-    _check_norm(normalization)
+    check_normalization(normalization)
     dev = q.device
     if exclude_index is None:
         exclude_index = torch.full((q.shape[0],), -1, dtype=torch.int64, device=dev)

@@ -13,6 +13,16 @@ import torch.nn.functional as F
 from ..layout import bitmap_from_blocks, bitmap_from_compressed, expand_bitmap
 
 
+#: the contrastive primitive's normalisations (docs/design.md, "CAP contrastive loss, exactly"); every backend
+#: and the op check against this one tuple
+NORMALIZATIONS = ("official", "supcon")
+
+
+def check_normalization(normalization) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
+
+
 def is_available() -> Tuple[bool, str]:
     return True, "always available"
 
@@ -59,6 +69,7 @@ def contrastive_losses(q, k, query_ids, key_ids, query_labels, key_labels, exclu
 
     Builds ``B x K`` tensors: this is the oracle, the fused paths never do.
     """
+    check_normalization(normalization)
     log_prob, keep = _log_prob(q, k, exclude_index, temperature)
 
     def one(positive):
@@ -84,6 +95,7 @@ def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_
     For row ``i`` with positives ``P_i``: ``d r_i / d q_i = (mean_{k in P_i} k - sum_k p_ik k) / tau``,
     and each loss is ``-c * sum_i r_i`` with ``c = 1 / sum_i |P_i|`` (official) or ``1 / |A|`` (supcon).
     """
+    check_normalization(normalization)
     log_prob, keep = _log_prob(q, k, exclude_index, temperature)
     prob_keys = torch.exp(log_prob).masked_fill(~keep, 0.0) @ k
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ..backends import reference as _reference
+from ..backends.reference import NORMALIZATIONS, check_normalization
 from ..backends.registry import get_backend, resolve_backend
 from ._autocast import autocast_off
 from ._checks import check_tensor
 
-NORMALIZATIONS = ("official", "supcon")
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
@@ -52,8 +52,7 @@ def _validate(query, keys, query_ids, key_ids, query_labels, key_labels, tempera
                                  f"{tuple(getattr(value, 'shape', ()))}")
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
+    check_normalization(normalization)
     if exclude_index is not None:
         check_tensor("exclude_index", exclude_index, dims=1, dtypes=_INT_DTYPES)
         if exclude_index.shape[0] != b:
