@@ -181,16 +181,8 @@ class MiniMovementPruner:
 
 def make_pruner(model, block_score_mode: str, notes: List[str]):
     try:
-        from capsparse.pruning.pruners import BLOCK_SCORE_MODES, MovementPruner
-        pruner = MovementPruner(model, block_score_mode=block_score_mode if block_score_mode in BLOCK_SCORE_MODES
-                                else "exact")
-        if block_score_mode not in BLOCK_SCORE_MODES:
-            # a score_grad mode the pruner's option list does not offer yet: set on the built pruner
-            from capsparse.pruning.score_grad import SCORE_GRAD_MODES
-            if block_score_mode not in SCORE_GRAD_MODES:
-                raise ValueError(f"block_score_mode: expected one of {SCORE_GRAD_MODES}, got {block_score_mode!r}")
-            pruner.block_score_mode = block_score_mode
-            notes.append(f"block_score_mode {block_score_mode!r} set on the built pruner (not yet a pruner option)")
+        from capsparse.pruning.pruners import MovementPruner
+        pruner = MovementPruner(model, block_score_mode=block_score_mode)  # checks the mode
         with torch.no_grad():
             for p in pruner.score_parameters():
                 p.normal_()

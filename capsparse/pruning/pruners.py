@@ -24,11 +24,9 @@ from torch import nn
 from ..layout import check_sparsity, kept_count_for_density, topk_mask
 from ..nn.sparse_linear import SparseLinear
 from ..surgery import sparse_layers
-from .score_grad import MovementScoreFunction, _block_sum  # noqa: F401  (re-exported)
+from .score_grad import BLOCK_SCORE_MODES, MovementScoreFunction, _block_sum  # noqa: F401  (re-exported)
 
 SCORE_ATTR = "movement_scores"
-#: block-score gradient modes (capsparse.pruning.score_grad): "exact", "fast", "sampled"
-BLOCK_SCORE_MODES = ("exact", "fast", "sampled")
 #: "magnitude": scores start at the per-matrix standardised |W| (robust at short budgets, the default);
 #: "constant": every score starts at ``score_init`` (official: 0.0)
 SCORE_INIT_MODES = ("magnitude", "constant")

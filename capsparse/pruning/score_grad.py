@@ -22,7 +22,8 @@ from ..ops.block_sparse_linear import block_sparse_grad_weight
 
 #: share of the tokens used for the pruned blocks' estimate in ``"sampled"`` mode
 SAMPLE_FRACTION = 0.125
-SCORE_GRAD_MODES = ("exact", "fast", "sampled")
+#: the modes above; CAPConfig.block_score_mode and MovementPruner take these
+BLOCK_SCORE_MODES = ("exact", "fast", "sampled")
 
 
 def _block_sum(t: torch.Tensor, block_size: Tuple[int, int]) -> torch.Tensor:
@@ -69,8 +70,8 @@ class MovementScoreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, output, x, weight, scores, layer, mode: str):
-        if mode not in SCORE_GRAD_MODES:
-            raise ValueError(f"mode: expected one of {SCORE_GRAD_MODES}, got {mode!r}")
+        if mode not in BLOCK_SCORE_MODES:
+            raise ValueError(f"mode: expected one of {BLOCK_SCORE_MODES}, got {mode!r}")
         ctx.save_for_backward(x, weight)
         ctx.layer, ctx.mode = layer, mode
         blocky = mode in ("fast", "sampled") and layer.block_size is not None
