@@ -40,6 +40,7 @@ from torch import nn
 
 from .layout import bitmap_from_blocks, pack_bits, unpack_bits
 from .nn.sparse_linear import SparseLinear
+from .sparsity import encoder_layers, sparsity_report, structure_of
 
 FORMAT = "capsparse-compressed"
 FORMAT_VERSION = 2
@@ -73,46 +74,13 @@ def _sparse_modules(model: nn.Module) -> Dict[str, SparseLinear]:
 
 
 def encoder_sparsity(model: nn.Module) -> Dict[str, Any]:
-    """Global sparsity over the SparseLinear weights (``kept / total``), and per layer."""
-    kept = total = 0
-    per_layer = {}
-    for name, mod in _sparse_modules(model).items():
-        mask = mod.element_mask()
-        k = int(mask.sum())
-        kept += k
-        total += mask.numel()
-        per_layer[name] = 1.0 - k / mask.numel()
-    return {"global": (1.0 - kept / total) if total else 0.0, "kept": kept, "total": total, "per_layer": per_layer}
-
-
-def _encoder_layers(model: nn.Module):
-    base = getattr(model, "base_model", model)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    return list(layers) if layers is not None else []
-
-
-def structure_of(model: nn.Module) -> Optional[list]:
-    """Per encoder layer ``{"heads": n, "intermediate": m}`` when heads/neurons were physically removed
-    (e.g. by CAP-f's compaction), else ``None``."""
-    config = getattr(model, "config", None)
-    layers = _encoder_layers(model)
-    if config is None or not layers:
-        return None
-    out, changed = [], False
-    for layer in layers:
-        try:
-            heads = int(layer.attention.self.num_attention_heads)
-            inter = int(layer.intermediate.dense.out_features)
-        except AttributeError:
-            return None
-        changed |= heads != config.num_attention_heads or inter != config.intermediate_size
-        out.append({"heads": heads, "intermediate": inter})
-    return out if changed else None
+    """:func:`capsparse.sparsity.sparsity_report` as a dict (``global``, ``kept``, ``total``, ``per_layer``)."""
+    return sparsity_report(model).as_dict()
 
 
 def _apply_structure(model: nn.Module, structure: list) -> None:
     """Shrink a freshly built model to the compacted per-layer widths (weights are loaded afterwards)."""
-    layers = _encoder_layers(model)
+    layers = encoder_layers(model)
     if len(layers) != len(structure):
         raise ValueError(f"structure: {len(structure)} layers in {META_FILE}, {len(layers)} in the config")
     for layer, dims in zip(layers, structure):
@@ -207,14 +175,8 @@ def export_compressed(model: nn.Module, path: PathLike, tokenizer=None, extra_me
         config.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    stats = encoder_sparsity(model)
+    stats = sparsity_report(model)
     structure = structure_of(model)
-    if structure is not None and stats["total"] == 0:
-        h, full_i = model.config.hidden_size, model.config.intermediate_size
-        d_h = h // model.config.num_attention_heads
-        full = len(structure) * (4 * h * h + 2 * h * full_i)
-        kept = sum(4 * h * d["heads"] * d_h + 2 * h * d["intermediate"] for d in structure)
-        stats = dict(stats, total=full, kept=kept, **{"global": 1.0 - kept / full})
     n_params = sum(p.numel() for p in model.parameters())
     meta = {
         "format": FORMAT,
@@ -222,9 +184,9 @@ def export_compressed(model: nn.Module, path: PathLike, tokenizer=None, extra_me
         "model_class": type(model).__name__,
         "layers": layers,
         "structure": structure,
-        "sparsity": stats["global"],
-        "kept_weights": stats["kept"],
-        "prunable_weights": stats["total"],
+        "sparsity": stats.sparsity,
+        "kept_weights": stats.kept,
+        "prunable_weights": stats.total,
         "num_parameters": n_params,
         "file_bytes": weights_path.stat().st_size,
         "dense_bytes": sum(p.numel() * p.element_size() for p in model.parameters())

@@ -17,7 +17,7 @@ LAYERS = {
     "backends": 1, "_C": 1, "_C_cuda": 1, "kernels": 1,  # kernels and their per-call choice
     "ops": 2,  # custom ops: reference + fast path + autograd
     "nn": 3,  # SparseLinear
-    "surgery": 4,  # nn.Linear <-> SparseLinear in a model
+    "surgery": 4, "sparsity": 4,  # nn.Linear <-> SparseLinear in a model; the one sparsity report
     "models": 4, "export": 4, "pretrained": 4,  # model files: the default model, compressed exports, save/load
     "pruning": 5,  # criteria, schedules, structured masks
     "cap": 6,  # CAPConfig, banks, losses, CAPTrainer

@@ -146,7 +146,8 @@ def _output_run(o: Dict[str, Any], command: str) -> Optional[RunDir]:
 def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
     """Evaluate a transformers directory or a compressed export on a GLUE split (or SQuAD: exact match / F1)."""
     from ..cap.trainer import is_qa_model
-    from ..export import encoder_sparsity, load_any
+    from ..export import load_any
+    from ..sparsity import sparsity_report
 
     o = resolve(options, "eval", **overrides)
     t = get_task(o["task"])
@@ -180,8 +181,7 @@ def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str,
         data = tokenize_dataset(raw, tokenizer, t.name, max_length=o["max_length"])
     metrics = tasks.evaluate_task(t, model, tokenizer, data, o, desc=f"eval {o['split']}",
                                   out=run.path if run else None)
-    sp = encoder_sparsity(model)
-    metrics["sparsity"] = sp["global"] if sp["total"] else 0.0
+    metrics["sparsity"] = sparsity_report(model).sparsity
     line = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "eval_seconds")
     print(f"{t.name} {o['split']} ({metrics['num_examples']} examples): {line}")
     if run:

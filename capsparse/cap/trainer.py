@@ -28,6 +28,7 @@ from ..pruning.pruners import SCORE_ATTR, build_pruner
 from ..pruning.schedule import CubicSchedule
 from ..pruning.structured import StructuredMasks, compact_model, prune_count, select_units
 from ..resources import GracefulStopCallback
+from ..sparsity import sparsity_report
 from ..surgery import exact_state_dict, sparse_layers, sparsify
 from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
@@ -458,29 +459,16 @@ class CAPTrainer(transformers.Trainer):
 
     # -- reporting -------------------------------------------------------------------------------------------
     def sparsity_report(self) -> dict:
-        """``{"global": float, "per_layer": {name: float}, "encoder_params": float}``.
+        """:meth:`capsparse.sparsity.SparsityReport.as_dict`: ``{"global", "kept", "total", "per_layer",
+        "encoder_params"}``.
 
         ``global`` counts the weights of the six encoder linears per layer (the pruning scope, on which the
         target is defined); ``encoder_params`` also counts encoder biases and LayerNorms as remaining (the
         official ``counts_parameters.py``). Embeddings, pooler and head are excluded.
         """
-        model = self.model
         if getattr(self, "_compacted_report", None) is not None:
             return self._compacted_report
-        if self.structured_masks is not None and self.structured_masks._handles:
-            global_, per = self.structured_masks.weight_sparsity()
-            pruned = sum(frac * model.get_submodule(n).weight.numel() for n, frac in per.items())
-        else:
-            per, pruned, total = {}, 0, 0
-            for name, layer in sparse_layers(model):
-                kept = int(layer.element_mask().sum())
-                per[name] = 1.0 - kept / layer.weight.numel()
-                pruned += layer.weight.numel() - kept
-                total += layer.weight.numel()
-            global_ = pruned / total if total else 0.0
-        encoder = getattr(model.base_model, "encoder", model)
-        n_enc = sum(p.numel() for n, p in encoder.named_parameters() if not n.endswith(SCORE_ATTR))
-        return {"global": float(global_), "per_layer": per, "encoder_params": float(pruned / n_enc) if n_enc else 0.0}
+        return sparsity_report(self.model, ignore_params=(SCORE_ATTR,)).as_dict()
 
     def _check_sparsity(self):
         cfg = self.cap_config

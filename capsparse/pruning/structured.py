@@ -19,8 +19,7 @@ from typing import Callable, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-HEAD_MASK = "cap_head_mask"
-NEURON_MASK = "cap_neuron_mask"
+from ..sparsity import HEAD_MASK, NEURON_MASK, sparsity_report
 
 
 def encoder_layers(model: nn.Module) -> List[nn.Module]:
@@ -128,20 +127,8 @@ class StructuredMasks:
     # -- reporting --------------------------------------------------------------------------------------
     def weight_sparsity(self) -> Tuple[float, dict]:
         """Fraction of the six encoder linears' weights removed by the masks: global and per linear."""
-        per, pruned, total = {}, 0, 0
-        names = dict((id(m), n) for n, m in self.model.named_modules())
-        for layer in self.layers:
-            h = getattr(layer.attention.output, HEAD_MASK)
-            nm = getattr(layer.output, NEURON_MASK)
-            fh = 1.0 - float(h.sum()) / h.numel()
-            fn = 1.0 - float(nm.sum()) / nm.numel()
-            for lin, frac in ((layer.attention.self.query, fh), (layer.attention.self.key, fh),
-                              (layer.attention.self.value, fh), (layer.attention.output.dense, fh),
-                              (layer.intermediate.dense, fn), (layer.output.dense, fn)):
-                per[names.get(id(lin), str(id(lin)))] = frac
-                pruned += frac * lin.weight.numel()
-                total += lin.weight.numel()
-        return pruned / total, per
+        report = sparsity_report(self.model)
+        return report.sparsity, report.per_layer
 
 
 def select_units(importance: torch.Tensor, active: torch.Tensor, n_prune_total: int, protect_per_layer: int = 0
