@@ -17,10 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .app.options import BLOCK_SIZES, METHODS, RECIPE_NAMES, resolve
+from .app.options import (BLOCK_SIZES, METHODS, RECIPE_NAMES, STUDENT_INITS, computed_defaults, describe_default,
+                          resolve)
 from .app.options import OptionError as CLIError  # a user error: one line, exit status 2
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+#: where each command writes without --output-dir (app.run.plan_run, app.commands)
+OUTPUT_DIRS = {"finetune": "runs/finetune-<task>-<time>", "prune": "runs/prune-<method label>-<task>-<time>",
+               "export": "runs/export-model-<time>", "demo": "runs/demo",
+               "eval": "none: metrics are printed, nothing is written", "predict": "none: predictions are printed"}
 
 
 # -- argparse helpers ------------------------------------------------------------------------------------
@@ -44,13 +51,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = True, task: bool = True,
+def _option(p: argparse.ArgumentParser, command: str, flag: str, text: str, unset: Optional[str] = None,
+            **kw) -> None:
+    """Add ``flag`` with a default of None. When resolve() computes the default (from the task, the recipe or
+    --quick), the help names it as :func:`capsparse.app.options.describe_default` gives it; else ``unset`` says
+    what no value means."""
+    dest = flag[2:].replace("-", "_")
+    if dest in computed_defaults(command):
+        text = f"{text} {describe_default(command, dest)}"
+    elif unset is not None:
+        text = f"{text} (default: {unset})"
+    p.add_argument(flag, default=None, help=text, **kw)
+
+
+def _add_common(p: argparse.ArgumentParser, command: str, data: bool = True, train: bool = True, task: bool = True,
                 seed: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", default=None,
                    help="YAML or JSON file of option values (keys are option names); command-line flags override it")
     p.add_argument("--output-dir", metavar="DIR", default=None,
                    help="run directory: config.json, metrics.json, run.log, plots and model files go here "
-                        "(default: runs/<command>-<task>-<time>); a non-empty one is refused unless "
+                        f"(default: {OUTPUT_DIRS[command]}); a non-empty one is refused unless "
                         + ("--resume or " if train else "") + "--overwrite")
     p.add_argument("--overwrite", action="store_true", default=False,
                    help="replace a non-empty --output-dir (an earlier run or export) instead of refusing it")
@@ -66,29 +86,22 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True, train: bool = Tru
                                 "SQuAD flags)")
         p.add_argument("--glue-dir", metavar="DIR", default=None,
                        help="local GLUE directory (default: $CAPSPARSE_GLUE_DIR, then shared/glue next to the repo)")
-        p.add_argument("--max-length", type=int, default=None,
-                       help="maximum tokens per example (truncation; for squad the question+context window length) "
-                            "(default: 128; 384 for --task squad)")
-        p.add_argument("--batch-size", type=int, default=None,
-                       help="training batch size (per step) (default: finetune 32, 16 for --task squad; prune: the "
-                            "recipe's, 32 for glue-unstructured, 16 for the others)")
+        _option(p, command, "--max-length", "maximum tokens per example (truncation" + (
+            "; for squad the question+context window length)" if task else ")"), type=int)
+        _option(p, command, "--batch-size", "training batch size (per step)", type=int)
         p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
-        p.add_argument("--max-eval-examples", type=int, default=None,
-                       help="evaluate on a seeded subset of this many dev examples (default: all)")
+        _option(p, command, "--max-eval-examples", "evaluate on a seeded subset of this many dev examples",
+                unset="all", type=int)
     if train:
         p.add_argument("--max-train-examples", type=int, default=None,
                        help="train on a seeded random subset of this many examples (default: the whole train set)")
         p.add_argument("--epochs", type=float, default=3.0, help="training epochs (ignored when --max-steps is set)")
         p.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
-        p.add_argument("--learning-rate", type=float, default=None,
-                       help="weight learning rate (default: finetune 5e-5; prune: the recipe's, 3e-5, or 2e-5 for "
-                            "glue-structured)")
-        p.add_argument("--weight-decay", type=float, default=None,
-                       help="AdamW weight decay (default: finetune 0; prune: the recipe's, 0 for *-unstructured, "
-                            "0.01 for *-structured)")
-        p.add_argument("--warmup-ratio", type=float, default=None,
-                       help="LR warm-up as a fraction of the steps (default: 0; prune *-unstructured: 0.1, the "
-                            "official warm-up of one schedule unit)")
+        _option(p, command, "--learning-rate", "weight learning rate", type=float)
+        _option(p, command, "--weight-decay", "AdamW weight decay", type=float)
+        _option(p, command, "--warmup-ratio", "LR warm-up as a fraction of the steps" + (
+            " (the *-unstructured recipes: the official warm-up, one schedule unit)" if command == "prune" else ""),
+            type=float)
         p.add_argument("--logging-steps", type=int, default=None,
                        help="log loss/sparsity every N steps (default: about 20 points per run)")
         p.add_argument("--eval-during-training", action="store_true", default=False,
@@ -139,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", formatter_class=_Formatter, help="fine-tune a dense model (e.g. a KD teacher)",
                        description="Fine-tune a dense model on a GLUE task or SQuAD v1.1 (--task squad: a "
                                    "question-answering head); the result can serve as --teacher for prune.")
-    _add_common(p)
+    _add_common(p, "finetune")
     _add_squad(p)
     p.add_argument("--model", default="default",
                    help="model directory or name; 'default' is the bundled all-MiniLM-L6-v2 (6 layers, 384 wide)")
@@ -151,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a --cap-option may not contradict a flag. Writes a compressed export (only kept "
                                    "weights) to <output-dir>/compressed. --task squad prunes a question-answering "
                                    "model (default recipe squad-unstructured).")
-    _add_common(p)
+    _add_common(p, "prune")
     _add_squad(p)
     p.add_argument("--model", default="default",
                    help="model to prune (the student's start): a directory, hub name or 'default'")
@@ -159,23 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned dense teacher for distillation (directory; a compressed export works too). "
                         "Without one, and with KD or the FiC bank on, a dense copy of --model is first fine-tuned "
                         "for teacher_epochs (--cap-option teacher_epochs=N) and used as the teacher")
-    p.add_argument("--method", choices=METHODS, default=None,
-                   help="pruning criterion (default: the recipe's: movement for *-unstructured, first-order for "
-                        "*-structured)")
+    _option(p, "prune", "--method", "pruning criterion", choices=METHODS)
     p.add_argument("--cap", dest="cap", action="store_true", default=None,
                    help="add CAP's contrastive terms (PrC, SnC, FiC) to the loss (the default)")
     p.add_argument("--no-cap", dest="cap", action="store_false",
                    help="plain baseline: cross-entropy and distillation only, no contrastive terms")
-    p.add_argument("--sparsity", type=float, default=None,
-                   help="target fraction of pruned encoder-linear weights, in [0, 1) (default: the recipe's, 0.9); "
-                        "not with soft-movement, whose L1 penalty sets the sparsity reached")
-    p.add_argument("--block-size", type=int, default=None,
-                   help=f"block side for block-movement (or block magnitude), one of {BLOCK_SIZES} (default: 32 "
-                        f"for block-movement, element masks otherwise)")
-    p.add_argument("--recipe", choices=RECIPE_NAMES, default=None,
-                   help="hyper-parameter defaults from the official CAP scripts (docs/cap.md) (default: "
-                        "glue-unstructured; squad-unstructured for --task squad; *-structured with --method "
-                        "first-order)")
+    _option(p, "prune", "--sparsity", "target fraction of pruned encoder-linear weights, in [0, 1); not with "
+                                      "soft-movement, whose L1 penalty sets the sparsity reached", type=float)
+    _option(p, "prune", "--block-size", f"block side for block-movement (or block magnitude), one of {BLOCK_SIZES}",
+            type=int)
+    _option(p, "prune", "--recipe", "hyper-parameter defaults from the official CAP scripts (docs/cap.md)",
+            choices=RECIPE_NAMES)
     p.add_argument("--cap-option", action="append", default=None, metavar="KEY=VALUE",
                    help="set any other CAPConfig field, e.g. --cap-option temperature=0.1 --cap-option w_u=0.1 "
                         "(repeatable; values are parsed as JSON, else taken as strings, and checked against the "
@@ -185,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a model directory or a compressed export on a GLUE split, or on SQuAD "
                                    "v1.1 (--task squad: exact match and F1 of the official evaluator). Test splits "
                                    "have no public labels and are refused (use predict).")
-    _add_common(p, train=False)
+    _add_common(p, "eval", train=False)
     _add_squad(p)
     p.add_argument("--model", required=False, default=None,
                    help="model directory (transformers format or a capsparse compressed export); required")
@@ -195,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a pruned model storing only the kept weights. The input is a compressed "
                                    "export (re-exported, e.g. with --fp16) or a transformers directory whose pruned "
                                    "weights are exact zeros (masks are taken from the non-zeros).")
-    _add_common(p, data=False, train=False, seed=False)
+    _add_common(p, "export", data=False, train=False, seed=False)
     p.add_argument("--model", default=None, help="input model directory; required")
     p.add_argument("--block-size", type=int, default=None,
                    help=f"for a transformers input: block layout side in {BLOCK_SIZES} (a block is kept when any "
@@ -216,27 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with CAP-m and with plain movement (same budget), evaluate both on SST-2 dev, "
                                    "export both and print a table. About 10 minutes on 2 CPU cores; --quick is a "
                                    "1-2 minute smoke run.")
-    _add_common(p, train=False, task=False)
-    p.set_defaults(max_length=64, output_dir=None, task="sst2")
+    _add_common(p, "demo", train=False, task=False)
+    p.set_defaults(task="sst2")
     p.add_argument("--model", default="default", help="model directory or 'default'")
     p.add_argument("--quick", action="store_true", default=False,
                    help="tiny budget (a smoke test: numbers are not meaningful)")
-    p.add_argument("--train-examples", type=int, default=None,
-                   help="SST-2 training subset size (default 4000; --quick 256)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher fine-tuning steps (default 300; --quick 8)")
-    p.add_argument("--prune-steps", type=int, default=None,
-                   help="pruning steps per method (default 300; --quick 12)")
-    p.add_argument("--sparsity", type=float, default=0.9, help="target sparsity for both pruned models")
-    p.add_argument("--student-init", choices=("teacher", "pretrained"), default="teacher",
+    _option(p, "demo", "--train-examples", "SST-2 training subset size", type=int)
+    _option(p, "demo", "--teacher-steps", "teacher fine-tuning steps", type=int)
+    _option(p, "demo", "--prune-steps", "pruning steps per method", type=int)
+    _option(p, "demo", "--sparsity", "target sparsity for both pruned models", type=float)
+    p.add_argument("--student-init", choices=STUDENT_INITS, default="teacher",
                    help="start both pruned models from the briefly fine-tuned teacher (a few hundred steps cannot "
                         "fine-tune and prune from the pre-trained model), or from the pre-trained model as the paper")
-    p.add_argument("--learning-rate", type=float, default=None,
-                   help="weight learning rate, teacher and pruning (default 1e-4)")
+    _option(p, "demo", "--learning-rate", "weight learning rate, teacher and pruning", type=float)
 
     p = sub.add_parser("predict", formatter_class=_Formatter, help="classify sentences with a model",
                        description="Print the predicted label (and probabilities) for each input; with --output-dir "
                                    "also write them to <output-dir>/predictions.jsonl.")
-    _add_common(p, data=False, train=False, seed=False)
+    _add_common(p, "predict", data=False, train=False, seed=False)
     p.add_argument("--model", default=None, help="model directory (transformers or compressed export); required")
     p.add_argument("--text", action="append", default=None,
                    help="input text (repeatable); for sentence-pair tasks separate the pair with ' ||| '")

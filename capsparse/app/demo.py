@@ -31,17 +31,15 @@ def _fmt_mb(n) -> str:
 
 def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
     """Teacher -> CAP-m and movement at the same budget -> eval, export, table. See ``capsparse demo --help``."""
-    o = resolve(options, **overrides)
+    o = resolve(options, "demo", **overrides)
     quick = bool(o.get("quick"))
     out = Path(o["output_dir"] or "runs/demo")
     _fresh_output_dir(out, o)
     run = RunDir(out, command="demo", sticky=True)
-    n_train = o.get("train_examples") or (256 if quick else 4000)
-    teacher_steps = o.get("teacher_steps") or (8 if quick else 300)
-    prune_steps = o.get("prune_steps") or (12 if quick else 300)
-    n_eval = o.get("max_eval_examples") or (128 if quick else None)
-    lr = o.get("learning_rate") or 1e-4
-    o.update(output_dir=str(out), train_examples=n_train, teacher_steps=teacher_steps, prune_steps=prune_steps)
+    # the budget and learning rate are resolve()'s (options.DEMO_*), the same from the CLI and from Python
+    n_train, teacher_steps, prune_steps = o["train_examples"], o["teacher_steps"], o["prune_steps"]
+    n_eval, lr = o["max_eval_examples"], o["learning_rate"]
+    o.update(output_dir=str(out))
     run.write_config(o)
     started = time.perf_counter()
     common = dict(task="sst2", glue_dir=o["glue_dir"], model=o["model"], max_length=o["max_length"],
@@ -65,7 +63,7 @@ def demo(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any
     for label, cap in (("CAP-m", True), ("movement", False)):
         run_dir = out / ("cap-m" if cap else "movement")
         t0 = time.perf_counter()
-        student = teacher["model_dir"] if o.get("student_init", "teacher") == "teacher" else o["model"]
+        student = teacher["model_dir"] if o["student_init"] == "teacher" else o["model"]
         res = prune(dict(common, model=student), output_dir=str(run_dir), teacher=teacher["model_dir"],
                     method="movement", cap=cap,
                     sparsity=o["sparsity"], max_steps=prune_steps, learning_rate=lr, recipe="glue-unstructured",

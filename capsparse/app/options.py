@@ -18,9 +18,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from ..cap.config import METHODS, RECIPE_TRAINING, RECIPES
+from ..cap.config import METHODS, RECIPE_TRAINING, RECIPES, CAPConfig
 from ..data.squad import is_squad_task
 from ..layout import SUPPORTED_BLOCK_SIZES as BLOCK_SIZES
 from ..runlog import get_logger
@@ -53,6 +53,15 @@ SQUAD_MAX_LENGTH, SQUAD_BATCH_SIZE = 384, 16
 FINETUNE_LEARNING_RATE = 5e-5
 # Official GLUE run: w = 11000 steps of 113,710 (QQP, 10 epochs), i.e. about 0.1 of training.
 SHORT_BUDGET_FRACTION = 0.1
+#: ``capsparse demo``: SST-2 at a short sequence length, one learning rate for the teacher and both students, and
+#: its budget as (full run, --quick)
+DEMO_MAX_LENGTH, DEMO_SPARSITY, DEMO_LEARNING_RATE = 64, 0.9, 1e-4
+DEMO_BUDGET = {"train_examples": (4000, 256), "teacher_steps": (300, 8), "prune_steps": (300, 12),
+               "max_eval_examples": (None, 128)}
+#: where the demo's students start: the briefly fine-tuned teacher, or the pre-trained model (as the paper)
+STUDENT_INITS = ("teacher", "pretrained")
+DEMO_DEFAULTS: Dict[str, Any] = dict(quick=False, student_init="teacher", train_examples=None, teacher_steps=None,
+                                     prune_steps=None)
 #: CAPConfig fields that have their own flag: ``--cap-option`` may repeat the flag's value, never contradict it
 FLAG_FIELDS = {"method": "method", "target_sparsity": "sparsity", "block_size": "block_size", "use_cap": "cap"}
 
@@ -90,20 +99,23 @@ def default_output_dir(command: str, task: Optional[str]) -> str:
 def resolve(options: Optional[Dict[str, Any]] = None, command: Optional[str] = None, **overrides) -> Dict[str, Any]:
     """The options of ``command`` (default: ``options["command"]``) merged over :data:`DEFAULTS`, validated,
     with the task's and the recipe's defaults filled in. Raises :class:`OptionError`."""
-    o = dict(DEFAULTS)
+    command = command or overrides.get("command") or (options or {}).get("command")
+    o = dict(DEFAULTS, **(DEMO_DEFAULTS if command == "demo" else {}))
     o.update(options or {})
     o.update(overrides)
-    command = command or o.get("command")
     o["command"] = command
     if command == "prune":
         _take_cap_options(o)
     validate(o, command)
     squad = is_squad_task(o.get("task"))
+    if command == "demo":
+        _apply_demo(o)
     if o.get("max_length") is None:
         o["max_length"] = SQUAD_MAX_LENGTH if squad else GLUE_MAX_LENGTH
     if command == "prune":
         _apply_recipe(o)
-        build_cap_config(o)  # every CAPConfig value checked before any work starts
+        # every CAPConfig value checked before any work starts; its block side is CAPConfig's (block-movement: 32)
+        o["block_size"] = build_cap_config(o).block_size
     elif command == "finetune":
         if o.get("learning_rate") is None:
             o["learning_rate"] = FINETUNE_LEARNING_RATE
@@ -111,9 +123,18 @@ def resolve(options: Optional[Dict[str, Any]] = None, command: Optional[str] = N
             o["weight_decay"] = 0.0
     if o.get("batch_size") is None:
         o["batch_size"] = SQUAD_BATCH_SIZE if squad else GLUE_BATCH_SIZE
-    if squad and command in ("finetune", "prune", "eval"):
-        check_squad_options(o)
     return o
+
+
+def _apply_demo(o: Dict[str, Any]) -> None:
+    quick = bool(o.get("quick"))
+    for dest, (full, short) in DEMO_BUDGET.items():
+        if o.get(dest) is None:
+            o[dest] = short if quick else full
+    for dest, value in (("max_length", DEMO_MAX_LENGTH), ("sparsity", DEMO_SPARSITY),
+                        ("learning_rate", DEMO_LEARNING_RATE)):
+        if o.get(dest) is None:
+            o[dest] = value
 
 
 def _take_cap_options(o: Dict[str, Any]) -> None:
@@ -153,8 +174,6 @@ def _apply_recipe(o: Dict[str, Any]) -> None:
         o["sparsity"] = values["target_sparsity"]
     if o.get("cap") is None:
         o["cap"] = True
-    if o.get("block_size") is None and method == "block-movement":
-        o["block_size"] = 32
     if o.get("learning_rate") is None:
         o["learning_rate"] = training["learning_rate"]
     if o.get("batch_size") is None:
@@ -163,6 +182,79 @@ def _apply_recipe(o: Dict[str, Any]) -> None:
         o["weight_decay"] = training["weight_decay"]
     if o.get("warmup_ratio") is None and not structured:
         o["warmup_ratio"] = SHORT_BUDGET_FRACTION  # the official LR warm-up is the schedule unit w
+
+
+# -- the defaults resolve() computes, as the help shows them --------------------------------------------------------
+
+#: a case of a computed default: ``(when, options, value)``; ``when`` is "" for the plain case
+DefaultCase = Tuple[str, Dict[str, Any], Any]
+
+
+def _recipe_cases(value_of) -> List[DefaultCase]:
+    return [(name, {"recipe": name, "task": "squad" if name.startswith("squad") else "sst2"}, value_of(name))
+            for name in RECIPE_NAMES]
+
+
+def computed_defaults(command: str) -> Dict[str, List[DefaultCase]]:
+    """The options of ``command`` whose default :func:`resolve` fills from the task, the recipe or ``--quick``,
+    each with the cases the help names. The CLI prints them (:func:`describe_default`); the tests resolve each
+    case and compare, so the help cannot drift from what runs."""
+    task_cases = lambda glue, squad: [("", {}, glue), ("--task squad", {"task": "squad"}, squad)]  # noqa: E731
+    out: Dict[str, List[DefaultCase]] = {}
+    if command in ("finetune", "prune", "eval"):
+        out["max_length"] = task_cases(GLUE_MAX_LENGTH, SQUAD_MAX_LENGTH)
+    if command in ("finetune", "eval"):
+        out["batch_size"] = task_cases(GLUE_BATCH_SIZE, SQUAD_BATCH_SIZE)
+    if command == "finetune":
+        out["learning_rate"] = [("", {}, FINETUNE_LEARNING_RATE)]
+        out["weight_decay"] = [("", {}, 0.0)]
+        out["warmup_ratio"] = [("", {}, None)]
+    if command == "prune":
+        out["recipe"] = [("", {}, default_recipe("sst2")), ("--task squad", {"task": "squad"}, default_recipe("squad")),
+                         ("--method first-order", {"method": "first-order"}, default_recipe("sst2", "first-order")),
+                         ("--task squad --method first-order", {"task": "squad", "method": "first-order"},
+                          default_recipe("squad", "first-order"))]
+        out["method"] = _recipe_cases(lambda r: RECIPES[r]["method"])
+        out["sparsity"] = _recipe_cases(lambda r: RECIPES[r]["target_sparsity"])
+        out["block_size"] = [("--method block-movement", {"method": "block-movement"},
+                              CAPConfig(method="block-movement").block_size), ("other methods", {}, None)]
+        out["batch_size"] = _recipe_cases(lambda r: RECIPE_TRAINING[r]["per_device_train_batch_size"])
+        out["learning_rate"] = _recipe_cases(lambda r: RECIPE_TRAINING[r]["learning_rate"])
+        out["weight_decay"] = _recipe_cases(lambda r: RECIPE_TRAINING[r]["weight_decay"])
+        out["warmup_ratio"] = _recipe_cases(lambda r: None if r.endswith("-structured") else SHORT_BUDGET_FRACTION)
+    if command == "demo":
+        out["max_length"] = [("", {}, DEMO_MAX_LENGTH)]
+        out["batch_size"] = [("", {}, GLUE_BATCH_SIZE)]
+        out["sparsity"] = [("", {}, DEMO_SPARSITY)]
+        out["learning_rate"] = [("", {}, DEMO_LEARNING_RATE)]
+        for dest, (full, short) in DEMO_BUDGET.items():
+            out[dest] = [("", {}, full), ("--quick", {"quick": True}, short)]
+    return out
+
+
+#: what a computed default of ``None`` means, per option
+NONE_MEANS = {"block_size": "element masks", "warmup_ratio": "0 (no warm-up)", "max_eval_examples": "all"}
+
+
+def _show(dest: str, value: Any) -> str:
+    if value is None:
+        return NONE_MEANS.get(dest, "none")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe_default(command: str, dest: str) -> str:
+    """``(default: ...)`` for an option :func:`computed_defaults` lists, e.g. ``(default: 128; 384 for --task
+    squad)`` or ``(default: the recipe's: 32 for glue-unstructured; 16 for glue-structured, ...)``."""
+    cases = computed_defaults(command)[dest]
+    by_value: Dict[str, List[str]] = {}
+    for when, _, value in cases:
+        by_value.setdefault(_show(dest, value), []).append(when)
+    recipe = dest != "recipe" and any("recipe" in opts for _, opts, _ in cases)
+    if recipe and len(by_value) == 1:
+        return f"(default: the recipe's, {next(iter(by_value))} in every recipe)"
+    parts = [value if whens == [""] else f"{value} for {', '.join(w for w in whens if w)}"
+             for value, whens in by_value.items()]
+    return f"(default: {'the recipe' + chr(39) + 's: ' if recipe else ''}{'; '.join(parts)})"
 
 
 # -- validation -------------------------------------------------------------------------------------------------
@@ -186,7 +278,7 @@ def validate(o: Dict[str, Any], command: Optional[str]) -> None:
     if get("max_length") is not None:
         _need(o["max_length"] <= 4096, "max_length", o["max_length"], "at most 4096 tokens")
     squad = command in ("finetune", "prune", "eval") and is_squad_task(get("task"))
-    if squad and get("doc_stride") is not None:
+    if squad and get("doc_stride") is not None:  # the length resolve() fills for squad when none is given
         length = get("max_length") or SQUAD_MAX_LENGTH
         _need(_is_int(o["doc_stride"]) and 0 <= o["doc_stride"] < length, "doc_stride", o["doc_stride"],
               f"an integer in [0, --max-length) = [0, {length})")
@@ -225,6 +317,10 @@ def validate(o: Dict[str, Any], command: Optional[str]) -> None:
         if command == "prune" and get("method") not in (None, "block-movement", "magnitude"):
             raise OptionError(f"--block-size: got {o['block_size']!r} with --method {o['method']}, expected "
                               f"--block-size only with --method block-movement or magnitude")
+    if command == "demo":
+        _need(isinstance(get("quick"), bool), "quick", get("quick"), "true or false")
+        _need(get("student_init") in STUDENT_INITS, "student_init", get("student_init"),
+              f"one of {', '.join(STUDENT_INITS)}")
     if command in ("finetune", "prune", "demo"):
         check_model_arg("model", get("model"))
     if command == "prune":
@@ -329,15 +425,6 @@ def _check_output_dir(o: Dict[str, Any], command: Optional[str]) -> None:
         hint = "--resume to continue it, " if command in TRAINING_COMMANDS else ""
         raise OptionError(f"--output-dir: {out} is not empty (an earlier run?); pass {hint}--overwrite to replace "
                           f"it, or choose a new directory")
-
-
-def check_squad_options(o: Dict[str, Any]) -> None:
-    if o.get("eval_during_training"):
-        raise OptionError("--eval-during-training: not available for --task squad (exact match / F1 need the "
-                          "answer post-processing); the dev set is evaluated at the end of the run")
-    if not 0 <= int(o["doc_stride"]) < int(o["max_length"]):
-        raise OptionError(f"--doc-stride: got {o['doc_stride']}, expected 0 <= doc stride < --max-length "
-                          f"({o['max_length']})")
 
 
 # -- --cap-option and the CAPConfig -------------------------------------------------------------------------------

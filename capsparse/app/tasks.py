@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from ..data.squad import is_squad_task
 from ..runlog import get_logger, write_json
-from .options import OptionError, check_squad_options
+from .options import OptionError
 
 log = get_logger("app")
 
@@ -242,7 +242,6 @@ def load_raw(t, o: Dict[str, Any]):
     if is_squad_task(t):
         from ..data.squad import load_squad
 
-        check_squad_options(o)
         raw = {}
         for split, limit in (("train", o["max_train_examples"]), ("validation", o["max_eval_examples"])):
             source = squad_source(o, split)
