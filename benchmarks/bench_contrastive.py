@@ -24,7 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+from capsparse.backends.registry import BACKENDS  # noqa: E402
+
 W_U, W_S, TAU = 0.1, 10.0, 0.1
 
 

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 import bench_contrastive  # noqa: E402
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+from capsparse.backends.registry import BACKENDS  # noqa: E402
+
 # name -> (in_features K, out_features N)
 SHAPES = {
     "bert_attn": (768, 768), "bert_up": (768, 3072), "bert_down": (3072, 768),
