@@ -50,3 +50,14 @@ def shutdown_distributed() -> None:
         dist.barrier()
         dist.destroy_process_group()
         gc.collect()  # the last references (DDP reducer) often sit in cycles: free the group and join its threads
+
+
+def all_reduce_mean(tensor):
+    """The mean of ``tensor`` over the processes of a multi-process group (a new tensor); ``tensor`` itself in a
+    single process. For state kept outside the parameters, which DDP does not reduce (e.g. saliency gradients)."""
+    dist = process_group(multi=True)
+    if dist is None:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out.div_(dist.get_world_size())

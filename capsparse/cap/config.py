@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 from ..layout import check_sparsity, normalize_block_size
 from ..ops.contrastive import NORMALIZATIONS
-from ..pruning.pruners import BLOCK_SCORE_MODES, SCORE_INIT_MODES
+from ..pruning.pruners import BLOCK_SCORE_MODES, SCORE_CRITERIA, SCORE_INIT_MODES
 from ..pruning.schedule import SCHEDULE_UNITS
 
 METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
@@ -37,6 +37,10 @@ class CAPConfig:
             ``score_init + score_init_scale * z``, ``z`` the per-matrix standardised ``|W|`` (per-block sums for
             block scores), so the first masks are magnitude's and movement takes over where its evidence is
             consistent; "constant": every score at ``score_init`` (the official code: 0.0).
+        score_criterion: what ranks the units of "movement" / "block-movement": "learned" (default; scores trained
+            by the score optimizer, official movement pruning) or "saliency" (not learned: an EMA of
+            ``|dL/dW' * W|`` times its uncertainty, as PLATON, with ``saliency_betas``; ``score_init*`` and
+            ``score_lr`` are then unused).
         freeze_embeddings: keep the embedding layer fixed while pruning; ``None`` (default): on for the
             unstructured and block methods (as the official unstructured code), off for "first-order".
         soft_lambda_final, soft_final_threshold, soft_min_keep: CAP-soft's L1 weight at the end, sigmoid threshold
@@ -77,6 +81,8 @@ class CAPConfig:
     score_init_mode: str = "magnitude"
     score_init: float = 0.0
     score_init_scale: float = 1.0
+    score_criterion: str = "learned"
+    saliency_betas: Tuple[float, float] = (0.85, 0.95)
     freeze_embeddings: Optional[bool] = None
     soft_lambda_final: float = 190.0
     soft_final_threshold: float = 0.1
@@ -131,6 +137,14 @@ class CAPConfig:
         choice("schedule_unit", SCHEDULE_UNITS)
         choice("block_score_mode", BLOCK_SCORE_MODES)
         choice("score_init_mode", SCORE_INIT_MODES)
+        choice("score_criterion", SCORE_CRITERIA)
+        if self.score_criterion == "saliency" and self.method not in ("movement", "block-movement"):
+            raise ValueError(f"score_criterion: 'saliency' ranks the units of 'movement' and 'block-movement', got "
+                             f"method {self.method!r} (soft movement needs learned scores for its sigmoid threshold)")
+        betas = tuple(self.saliency_betas) if isinstance(self.saliency_betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"saliency_betas: expected two numbers in [0, 1), got {self.saliency_betas!r}")
+        self.saliency_betas = tuple(float(b) for b in betas)
         if not (isinstance(self.score_init_scale, (int, float)) and self.score_init_scale > 0):
             raise ValueError(f"score_init_scale: expected a number > 0, got {self.score_init_scale!r}")
         if self.freeze_embeddings not in (None, True, False):

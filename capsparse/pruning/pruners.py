@@ -30,6 +30,10 @@ SCORE_ATTR = "movement_scores"
 #: "magnitude": scores start at the per-matrix standardised |W| (robust at short budgets, the default);
 #: "constant": every score starts at ``score_init`` (official: 0.0)
 SCORE_INIT_MODES = ("magnitude", "constant")
+#: what ranks the units of the movement family: "learned" (scores trained by the optimizer on dL/dS = dL/dW' * W,
+#: official movement pruning) or "saliency" (an EMA of |dL/dW' * W| times its uncertainty, as PLATON; not learned)
+SCORE_CRITERIA = ("learned", "saliency")
+SALIENCY_BUFFERS = ("saliency_mean", "saliency_uncertainty")
 
 
 def _score_shape(layer: SparseLinear) -> torch.Size:
@@ -218,8 +222,11 @@ class _ScorePruner(Pruner):
                 init = (magnitude_anchor(layer, score_init_scale, float(score_init)) if score_init_mode == "magnitude"
                         else torch.full(_score_shape(layer), float(score_init), dtype=torch.float32,
                                         device=layer.weight.device))
-                layer.register_parameter(SCORE_ATTR, nn.Parameter(init))
+                self._attach_scores(layer, init)
             self._handles.append(layer.register_forward_hook(self._hook))
+
+    def _attach_scores(self, layer: SparseLinear, init: torch.Tensor) -> None:
+        layer.register_parameter(SCORE_ATTR, nn.Parameter(init))
 
     def _hook(self, layer, args, output):
         scores = getattr(layer, SCORE_ATTR, None)
@@ -239,8 +246,9 @@ class _ScorePruner(Pruner):
             h.remove()
         self._handles = []
         for _, layer in self.layers:
-            if hasattr(layer, SCORE_ATTR):
-                delattr(layer, SCORE_ATTR)
+            for attr in (SCORE_ATTR, *SALIENCY_BUFFERS):
+                if hasattr(layer, attr):
+                    delattr(layer, attr)
 
 
 class MovementPruner(_ScorePruner):
@@ -256,9 +264,57 @@ class MovementPruner(_ScorePruner):
 
     name = "movement"
 
+    def __init__(self, model, layers=None, score_criterion: str = "learned", saliency_betas=(0.85, 0.95), **kwargs):
+        if score_criterion not in SCORE_CRITERIA:
+            raise ValueError(f"score_criterion: expected one of {SCORE_CRITERIA}, got {score_criterion!r}")
+        b1, b2 = (float(b) for b in saliency_betas)
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"saliency_betas: expected two numbers in [0, 1), got {tuple(saliency_betas)!r}")
+        self.score_criterion, self.saliency_betas = score_criterion, (b1, b2)
+        super().__init__(model, layers, **kwargs)
+        if score_criterion == "saliency":
+            for _, layer in self.layers:
+                for buf in SALIENCY_BUFFERS:
+                    if getattr(layer, buf, None) is None:  # kept when a checkpoint's model already has them
+                        layer.register_buffer(buf, torch.zeros(_score_shape(layer), dtype=torch.float32,
+                                                               device=layer.weight.device))
+
+    def _attach_scores(self, layer, init):
+        if self.score_criterion == "learned":
+            return super()._attach_scores(layer, init)
+        # saliency: a receptacle for dL/dS (its value is never used), not a parameter the Trainer would train
+        setattr(layer, SCORE_ATTR, torch.zeros_like(init).requires_grad_(True))
+
+    def score_parameters(self) -> List[nn.Parameter]:
+        # saliency scores are gradient receptacles only: the optimizer must not train (or decay) them
+        return [] if self.score_criterion == "saliency" else super().score_parameters()
+
+    def scores(self) -> Dict[str, torch.Tensor]:
+        if self.score_criterion == "learned":
+            return super().scores()
+        return {name: layer.saliency_mean * layer.saliency_uncertainty for name, layer in self.layers}
+
+    @torch.no_grad()
+    def accumulate_saliency(self) -> None:
+        """One EMA step from the score gradients of the last backward (``|dL/dW' * W|``, block sums for blocks):
+        ``I <- b1 I + (1 - b1) |g|``, ``U <- b2 U + (1 - b2) ||g| - I|``; the ranking is ``I * U``. The
+        receptacles' gradients are then cleared (they are not parameters, so the Trainer never zeroes them)."""
+        b1, b2 = self.saliency_betas
+        grads = [getattr(layer, SCORE_ATTR).grad for _, layer in self.layers]
+        if any(g is None for g in grads):
+            return
+        from ..distributed import all_reduce_mean
+
+        for (_, layer), g in zip(self.layers, grads):
+            g = all_reduce_mean(g).abs()
+            layer.saliency_mean.mul_(b1).add_(g, alpha=1 - b1)
+            layer.saliency_uncertainty.mul_(b2).add_((g - layer.saliency_mean).abs_(), alpha=1 - b2)
+            getattr(layer, SCORE_ATTR).grad = None
+
     def _update(self, density: float) -> None:
-        for name, layer in self.layers:
-            scores = getattr(layer, SCORE_ATTR).detach()
+        if self.score_criterion == "saliency":
+            self.accumulate_saliency()
+        for (_, layer), scores in zip(self.layers, self.scores().values()):
             # the exact kept fraction is known on the host: the layer picks dense or sparse kernels without a sync
             layer.set_mask(topk_mask(scores, density), density=_exact_density(scores, density))
 
