@@ -24,11 +24,10 @@ from ..checkpoint import AtomicCheckpointCallback, resolve_resume_checkpoint
 from ..distributed import process_group, rank
 from ..guards import NanGuardCallback
 from ..pruning.embeddings import freeze_embeddings
+from ..pruning.method import PruningMethod, SoftMovementPruning, StructuredPruning, TopKPruning
 from ..pruning.pruners import SCORE_ATTR, build_pruner
-from ..pruning.schedule import CubicSchedule
-from ..pruning.structured import StructuredMasks, compact_model, prune_count, select_units
+from ..pruning.structured import compact_model
 from ..resources import GracefulStopCallback
-from ..sparsity import sparsity_report
 from ..surgery import exact_state_dict, sparse_layers, sparsify
 from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
@@ -51,13 +50,14 @@ class _CAPCallback(TrainerCallback):
         self.trainer._on_epoch_begin(state)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer._on_step_begin(state)
+        self.trainer.pruning.step_begin(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._before_optimizer_step()
+        self.trainer.pruning.before_optimizer_step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._after_optimizer_step(state)
+        # masks for the next step's forwards (official: threshold(global_step) at each forward)
+        self.trainer.pruning.step(state.global_step + 1)
 
 
 def _drop_idx(collator):
@@ -124,26 +124,7 @@ class CAPTrainer(transformers.Trainer):
         self.teacher = teacher
         self._dense_copy = copy.deepcopy(model) if (teacher is None and self.needs_teacher) else None
 
-        # pruning structure
-        self.pruner = None
-        self.structured_masks = None
-        if cfg.structured:
-            self.structured_masks = StructuredMasks(model)
-        else:
-            if not sparse_layers(model):
-                sparsify(model, block_size=cfg.block_size)
-            kwargs = {}
-            if cfg.method == "magnitude":
-                kwargs["scope"] = cfg.magnitude_scope
-            else:
-                kwargs.update(score_init=cfg.score_init, block_score_mode=cfg.block_score_mode,
-                              score_init_mode=cfg.score_init_mode, score_init_scale=cfg.score_init_scale)
-                if cfg.method == "soft-movement":
-                    kwargs["min_keep"] = cfg.soft_min_keep
-                else:
-                    kwargs.update(score_criterion=cfg.score_criterion, saliency_betas=cfg.saliency_betas)
-            self.pruner = build_pruner(cfg.method, model, **kwargs)
-            self.pruner.check_reachable(cfg.target_sparsity, cfg.sparsity_tolerance)
+        self.pruning = pruning_method(cfg, model, self)  # what prunes, and when
         if cfg.embeddings_frozen:
             freeze_embeddings(model)
         self.tap = RepresentationTap(model)
@@ -160,14 +141,32 @@ class CAPTrainer(transformers.Trainer):
         self.add_callback(AtomicCheckpointCallback())
         self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: let Trainer scale for accumulation
         self.banks: Optional[BankSet] = None
-        self.schedule: Optional[CubicSchedule] = None
         self.snapshot_epochs = set()
-        self.stage = 0
         self._restored = False
         self._steps_per_epoch = None
-        self._stage_len = None
         self._parts_sum, self._parts_n = {}, 0
         self.last_sparsity_report = None
+
+    # -- the pruning method's parts, by their former names ------------------------------------------------
+    @property
+    def pruner(self):
+        """The :class:`~capsparse.pruning.pruners.Pruner` of the unstructured / block methods (else ``None``)."""
+        return getattr(self.pruning, "pruner", None)
+
+    @property
+    def structured_masks(self):
+        """first-order: the head / neuron masks (else ``None``)."""
+        return getattr(self.pruning, "masks", None)
+
+    @property
+    def stage(self) -> int:
+        """first-order: pruning stages done."""
+        return getattr(self.pruning, "stage", 0)
+
+    @property
+    def schedule(self):
+        """The cubic schedule of the unstructured / block methods, once training began (else ``None``)."""
+        return getattr(self.pruning, "schedule", None)
 
     # -- data ------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -212,11 +211,6 @@ class CAPTrainer(transformers.Trainer):
             return reps, head.cache_logits(head.logits(out), batch.get("attention_mask"))
         return fn
 
-    def _current_lambda(self) -> float:
-        if self.cap_config.method != "soft-movement" or self.schedule is None:
-            return 0.0
-        return self.schedule(self.state.global_step)[1]
-
     def _objective(self, logits, labels, ids, attention_mask, use_contrastive=True):
         cfg = self.cap_config
         teacher_logits = None
@@ -225,11 +219,11 @@ class CAPTrainer(transformers.Trainer):
         query = None
         if cfg.use_cap and use_contrastive and self.banks is not None and self.banks.ready():
             query = self.tap.representation(cfg.representation, attention_mask, query=True)
-        reg = self.pruner.regularization() if self.pruner is not None else None
+        reg = self.pruning.regularization()
         return cap_objective(cfg, logits, labels, ids, query, banks=self.banks if query is not None else None,
                              teacher_logits=teacher_logits, contrastive_labels=self.head.contrastive_labels(labels),
-                             regularization=reg, reg_lambda=self._current_lambda(), use_contrastive=use_contrastive,
-                             attention_mask=attention_mask, head=self.head)
+                             regularization=reg, reg_lambda=self.pruning.reg_lambda(self.state.global_step),
+                             use_contrastive=use_contrastive, attention_mask=attention_mask, head=self.head)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs, labels, ids = self.head.split(inputs)
@@ -252,7 +246,7 @@ class CAPTrainer(transformers.Trainer):
         if self.optimizer is not None:
             return self.optimizer
         model = self.model
-        scores = self.pruner.score_parameters() if self.pruner is not None else []
+        scores = self.pruning.score_parameters()
         score_ids = {id(p) for p in scores}
         decay = set(self.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in score_ids]
@@ -266,60 +260,26 @@ class CAPTrainer(transformers.Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if not self.cap_config.structured:
+        factor = self.pruning.lr_factor(num_training_steps)
+        if factor is None:
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
-            n = self.cap_config.structured_steps
-            stage_len = max(1, num_training_steps // n)
-            ratio = self.cap_config.structured_warmup_ratio
-
-            def factor(step):  # a fresh linear warm-up / decay per pruning step (official: new scheduler)
-                stage = min(step // stage_len, n - 1)
-                pos = step - stage * stage_len
-                length = stage_len if stage < n - 1 else max(1, num_training_steps - stage * stage_len)
-                warm = int(ratio * length)
-                if pos < warm:
-                    return pos / max(1, warm)
-                return max(0.0, (length - pos) / max(1, length - warm))
-
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
-            self._created_lr_scheduler = True
+            self._created_lr_scheduler = True  # Trainer's own flag: it then rebuilds the scheduler per train()
         return self.lr_scheduler
 
     # -- training events -----------------------------------------------------------------------------------
     def _on_train_begin(self, state, train_dataloader):
-        cfg = self.cap_config
         ga = self.args.gradient_accumulation_steps
         self._steps_per_epoch = max(1, math.ceil(len(train_dataloader) / ga)) if train_dataloader is not None else 1
-        total = state.max_steps
-        if cfg.structured:
-            self._stage_len = total // cfg.structured_steps
-            if self._stage_len < 1:
-                raise ValueError(f"structured_steps: {cfg.structured_steps} pruning steps need at least as many "
-                                 f"optimizer steps, got {total}")
-            expected = cfg.structured_steps * cfg.epochs_per_step
-            if abs(float(self.args.num_train_epochs) - expected) > 1e-6 and self.args.max_steps <= 0:
-                warnings.warn(f"first-order: num_train_epochs={self.args.num_train_epochs} but structured_steps * "
-                              f"epochs_per_step = {expected:g}; the {total} steps are split evenly into "
-                              f"{cfg.structured_steps} pruning steps", stacklevel=2)
-        else:
-            if cfg.method == "soft-movement":
-                kw = dict(initial_threshold=0.0, final_threshold=cfg.soft_final_threshold,
-                          final_lambda=cfg.soft_lambda_final)
-            else:
-                kw = dict(initial_threshold=1.0, final_threshold=1.0 - cfg.target_sparsity)
-            self.schedule = CubicSchedule.resolve(total, cfg.schedule_warmup, cfg.schedule_unit,
-                                                  self._steps_per_epoch, initial_warmup=cfg.initial_warmup,
-                                                  final_warmup=cfg.final_warmup, **kw)
-            if cfg.target_sparsity > 0:
-                self.schedule.validate()
+        epochs = self.args.num_train_epochs if self.args.max_steps <= 0 else None  # None: max_steps sets the length
+        self.pruning.begin(state.max_steps, self._steps_per_epoch, num_train_epochs=epochs)
         device = self.args.device
         if self.teacher is not None:
             self.teacher.to(device).eval()
         if not self._restored:
             self._build_banks(state)
-        if self.pruner is not None:
-            self.pruner.update(self.schedule(state.global_step)[0])
+        self.pruning.step(state.global_step)  # the first masks
 
     def _bank_reps(self, state) -> dict:
         cfg = self.cap_config
@@ -328,7 +288,8 @@ class CAPTrainer(transformers.Trainer):
             if name == "snc":
                 r = cfg.max_snapshots
                 if r is None:
-                    r = cfg.structured_steps - 1 if cfg.structured else max(1, math.ceil(state.num_train_epochs) - 1)
+                    r = (self.pruning.steps - 1 if self.pruning.stagewise
+                         else max(1, math.ceil(state.num_train_epochs) - 1))
                 if r < 1:
                     continue
                 reps[name] = r
@@ -359,7 +320,7 @@ class CAPTrainer(transformers.Trainer):
                 self.banks.teacher_logits = cache
             if "fic" in self.banks.banks:
                 self.banks["fic"].write(self.banks["fic"].new_slot(), ids, reps)
-        if not cfg.structured and "prc" in self.banks.banks:
+        if not self.pruning.stagewise and "prc" in self.banks.banks:  # stagewise: PrC at the first stage
             self._encode_student("prc", train_mode=False, seed=self.args.seed)
 
     def _encode_student(self, name, train_mode, seed):
@@ -370,69 +331,41 @@ class CAPTrainer(transformers.Trainer):
 
     def _on_epoch_begin(self, state):
         cfg = self.cap_config
-        if cfg.structured or self.banks is None or "snc" not in self.banks.banks:
+        if self.pruning.stagewise or self.banks is None or "snc" not in self.banks.banks:
             return
         epoch = state.global_step // self._steps_per_epoch
         if epoch >= 1 and epoch not in self.snapshot_epochs:
             self._encode_student("snc", train_mode=cfg.snapshot_mode == "train", seed=self.args.seed + 1000 * epoch)
             self.snapshot_epochs.add(epoch)
 
-    def _on_step_begin(self, state):
+    def _importance_inputs(self, stage):
+        """first-order: the importance pass's loss (CAP's objective; contrastive from the second stage on) and
+        batches."""
         cfg = self.cap_config
-        if not cfg.structured or self.stage >= cfg.structured_steps:
-            return
-        if state.global_step >= self.stage * self._stage_len:
-            self._prune_stage(self.stage)
-            self.stage += 1
 
-    def _importance_loss(self, use_contrastive):
         def loss_fn(batch):
             batch, labels, ids = self.head.split(batch)
             self.tap.clear()
             out = self.model(**batch)
-            loss, _ = self._objective(self.head.logits(out), labels, ids, batch.get("attention_mask"), use_contrastive)
+            loss, _ = self._objective(self.head.logits(out), labels, ids, batch.get("attention_mask"),
+                                      use_contrastive=stage > 0)
             return loss
-        return loss_fn
+        return loss_fn, self._encode_loader(limit=cfg.importance_batches, batch_size=self.importance_batch_size)
 
-    def _prune_stage(self, stage: int):
-        """One CAP-f step: importance -> new masks -> encode (before applying them) -> apply -> fresh optimizer."""
+    def _before_stage_masks(self, stage):
+        """first-order: the student enters the banks as it is before the stage's masks (PrC first, then SnC)."""
         cfg = self.cap_config
-        masks = self.structured_masks
-        fraction = round(cfg.target_sparsity * (stage + 1) / cfg.structured_steps, 10)
-        was = self.model.training
-        self.model.eval()
-        imp_h, imp_n = masks.accumulate_importance(self._importance_loss(use_contrastive=stage > 0),
-                                                   self._encode_loader(limit=cfg.importance_batches,
-                                                                       batch_size=self.importance_batch_size))
-        self.model.train(was)
-        dist = process_group(multi=True)
-        if dist is not None:
-            dist.all_reduce(imp_h)
-            dist.all_reduce(imp_n)
-        heads, neurons = masks.head_masks() > 0, masks.neuron_masks() > 0
-        new_h = select_units(imp_h, heads, prune_count(heads.numel(), fraction), cfg.heads_protected)
-        new_n = select_units(imp_n, neurons, prune_count(neurons.numel(), fraction), 0)
         if self.banks is not None:
             name = "prc" if stage == 0 else "snc"
             if name in self.banks.banks:
                 self._encode_student(name, train_mode=(name == "snc" and cfg.snapshot_mode == "train"),
                                      seed=self.args.seed + 1000 * stage)
-        masks.set_masks(new_h.float(), new_n.float())
+
+    def _after_stage_masks(self, stage):
+        """first-order: a fresh optimizer state for the new stage (as the official code's new optimizer)."""
         if self.optimizer is not None:
             inner = getattr(self.optimizer, "optimizer", self.optimizer)
             inner.state.clear()
-
-    def _before_optimizer_step(self):
-        if self.pruner is not None and getattr(self.pruner, "freezes_pruned", False):
-            self.pruner.freeze_pruned()
-
-    def _after_optimizer_step(self, state):
-        if self.pruner is None:
-            return
-        if getattr(self.pruner, "freezes_pruned", False):
-            self.pruner.restore_frozen()
-        # masks for the next step's forwards (official: threshold(global_step) at each forward)
-        self.pruner.update(self.schedule(state.global_step + 1)[0])
 
     # -- logging ---------------------------------------------------------------------------------------------
     def log(self, logs, start_time=None):
@@ -441,8 +374,9 @@ class CAPTrainer(transformers.Trainer):
                 logs[k] = float(v) / self._parts_n
             self._parts_sum, self._parts_n = {}, 0
             logs["sparsity"] = self.sparsity_report()["global"]
-            if self.pruner is not None:
-                logs["mask_turnover"] = self.pruner.mask_turnover()
+            turnover = self.pruning.mask_turnover()
+            if turnover is not None:
+                logs["mask_turnover"] = turnover
         if "eval_loss" in logs:  # which evaluations were at the target (load_best_model_at_end chooses among those)
             logs["eval_sparsity"] = self.sparsity_report()["global"]
         super().log(logs, start_time)
@@ -468,7 +402,7 @@ class CAPTrainer(transformers.Trainer):
         """
         if getattr(self, "_compacted_report", None) is not None:
             return self._compacted_report
-        return sparsity_report(self.model, ignore_params=(SCORE_ATTR,)).as_dict()
+        return self.pruning.sparsity_report().as_dict()
 
     def _check_sparsity(self):
         cfg = self.cap_config
@@ -479,7 +413,7 @@ class CAPTrainer(transformers.Trainer):
             return report
         msg = (f"reached sparsity {report['global']:.4f} misses target_sparsity {cfg.target_sparsity} by {miss:.4f} "
                f"(> sparsity_tolerance {cfg.sparsity_tolerance})")
-        if cfg.method == "soft-movement":
+        if not self.pruning.exact_target:
             warnings.warn(f"soft movement: {msg}; the sparsity is set by soft_lambda_final, tune it", stacklevel=3)
             return report
         raise RuntimeError(msg)
@@ -519,8 +453,7 @@ class CAPTrainer(transformers.Trainer):
         return {"config": self.cap_config.to_dict(),
                 "banks": None if self.banks is None else self.banks.state_dict(),
                 "bank_reps": None if self.banks is None else {n: b.max_reps for n, b in self.banks.banks.items()},
-                "snapshot_epochs": sorted(self.snapshot_epochs), "stage": self.stage,
-                "pruner": None if self.pruner is None else self.pruner.state_dict()}
+                "snapshot_epochs": sorted(self.snapshot_epochs), **self.pruning.state_dict()}
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         """As ``Trainer.save_model``: a Hugging Face directory holding the pruned model (each SparseLinear's masked
@@ -560,9 +493,7 @@ class CAPTrainer(transformers.Trainer):
             if os.path.isfile(rng):
                 self.banks.generator.set_state(torch.load(rng, weights_only=True))
         self.snapshot_epochs = set(state["snapshot_epochs"])
-        self.stage = int(state["stage"])
-        if self.pruner is not None and state["pruner"] is not None:
-            self.pruner.load_state_dict(state["pruner"])
+        self.pruning.load_state_dict(state)
         self._restored = True
 
     # -- after training ------------------------------------------------------------------------------------------
@@ -577,9 +508,37 @@ class CAPTrainer(transformers.Trainer):
 
     def finalize(self) -> None:
         """Remove score parameters and hooks: the model keeps plain SparseLinear layers with their masks."""
-        if self.pruner is not None:
-            self.pruner.remove()
+        self.pruning.finalize()
         self.tap.remove()
+
+
+def pruning_method(cfg: CAPConfig, model, trainer: Optional[CAPTrainer] = None) -> PruningMethod:
+    """The :class:`~capsparse.pruning.method.PruningMethod` of ``cfg`` on ``model`` (unstructured and block
+    methods swap the encoder linears for SparseLinear first); ``trainer`` supplies first-order's importance pass
+    and what happens around its stages."""
+    if cfg.structured:
+        hooks = {} if trainer is None else dict(importance_inputs=trainer._importance_inputs,
+                                                before_masks=trainer._before_stage_masks,
+                                                after_masks=trainer._after_stage_masks)
+        return StructuredPruning(model, cfg.target_sparsity, cfg.structured_steps, cfg.heads_protected,
+                                 cfg.structured_warmup_ratio, cfg.epochs_per_step, **hooks)
+    if not sparse_layers(model):
+        sparsify(model, block_size=cfg.block_size)
+    kwargs = {}
+    if cfg.method == "magnitude":
+        kwargs["scope"] = cfg.magnitude_scope
+    else:
+        kwargs.update(score_init=cfg.score_init, block_score_mode=cfg.block_score_mode,
+                      score_init_mode=cfg.score_init_mode, score_init_scale=cfg.score_init_scale)
+        if cfg.method == "soft-movement":
+            kwargs["min_keep"] = cfg.soft_min_keep
+    pruner = build_pruner(cfg.method, model, **kwargs)
+    schedule = dict(unit=cfg.schedule_unit, initial_warmup=cfg.initial_warmup, final_warmup=cfg.final_warmup)
+    if cfg.method == "soft-movement":
+        return SoftMovementPruning(pruner, cfg.target_sparsity, cfg.sparsity_tolerance, cfg.schedule_warmup,
+                                   final_sigmoid_threshold=cfg.soft_final_threshold,
+                                   lambda_final=cfg.soft_lambda_final, **schedule)
+    return TopKPruning(pruner, cfg.target_sparsity, cfg.sparsity_tolerance, cfg.schedule_warmup, **schedule)
 
 
 def prune_model(model, train_dataset, cap_config: Optional[CAPConfig] = None, output_dir: str = "capsparse-prune",
