@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..cap.config import METHODS, RECIPE_TRAINING, RECIPES, CAPConfig
 from ..data.squad import is_squad_task
 from ..layout import SUPPORTED_BLOCK_SIZES as BLOCK_SIZES
-from ..runlog import get_logger
+from ..export import META_FILE
+from ..runlog import CONFIG_FILE, get_logger
 
 log = get_logger("app")
 
@@ -389,8 +390,8 @@ def check_model_arg(dest: str, value: Any, required: bool = False) -> None:
     if looks_local and not path.is_dir():
         raise OptionError(f"{flag(dest)}: got {value!r}, expected an existing model directory")
     if path.is_dir():
-        has = any((path / f).is_file() for f in ("config.json", "capsparse.json"))
-        _need(has, dest, value, "a directory with config.json (transformers) or capsparse.json (compressed export)")
+        has = any((path / f).is_file() for f in ("config.json", META_FILE))  # transformers' config, or an export
+        _need(has, dest, value, f"a directory with config.json (transformers) or {META_FILE} (compressed export)")
 
 
 def _check_output_dir(o: Dict[str, Any], command: Optional[str]) -> None:
@@ -413,14 +414,14 @@ def _check_output_dir(o: Dict[str, Any], command: Optional[str]) -> None:
     if command in (None, "demo") or not is_main_process():  # other ranks see the directory rank 0 started
         return
     if resume:
-        if not (path / "config.json").is_file():
-            raise OptionError(f"--resume: {out} holds no run to continue (no config.json); start it without --resume")
+        if not (path / CONFIG_FILE).is_file():
+            raise OptionError(f"--resume: {out} holds no run to continue (no {CONFIG_FILE}); start it without --resume")
         return
     if path.is_dir() and any(path.iterdir()):
         if overwrite:
-            if not any((path / f).is_file() for f in ("config.json", "capsparse.json")):
-                raise OptionError(f"--overwrite: {out} is not a capsparse run directory or export (no config.json "
-                                  f"or capsparse.json); refusing to delete it")
+            if not any((path / f).is_file() for f in (CONFIG_FILE, META_FILE)):
+                raise OptionError(f"--overwrite: {out} is not a capsparse run directory or export (no {CONFIG_FILE} "
+                                  f"or {META_FILE}); refusing to delete it")
             return
         hint = "--resume to continue it, " if command in TRAINING_COMMANDS else ""
         raise OptionError(f"--output-dir: {out} is not empty (an earlier run?); pass {hint}--overwrite to replace "

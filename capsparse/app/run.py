@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..distributed import is_main_process, rank
-from ..runlog import RunDir, get_logger, read_json, write_json
+from ..runlog import CONFIG_FILE, METRICS_FILE, RunDir, get_logger, read_json, write_json
 from .options import OptionError, default_output_dir
 
 log = get_logger("app")
@@ -61,18 +61,18 @@ def clear_if_overwrite(out: Path, o: Dict[str, Any]) -> None:
 
 
 def _check_resumable(out: Path, o: Dict[str, Any]) -> None:
-    if (out / "metrics.json").is_file():
+    if (out / METRICS_FILE).is_file():
         raise OptionError(f"--resume: {out} is a finished run (it has metrics.json); pass --overwrite to run it again")
     try:
-        before = read_json(out / "config.json").get("options", {})
+        before = read_json(out / CONFIG_FILE).get("options", {})
     except (OSError, ValueError, AttributeError) as exc:
-        raise OptionError(f"--resume: cannot read {out / 'config.json'} ({type(exc).__name__})") from None
+        raise OptionError(f"--resume: cannot read {out / CONFIG_FILE} ({type(exc).__name__})") from None
     now = _comparable(o)
     changed = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
     if changed:
         detail = ", ".join(f"{k} (run {before.get(k)!r}, now {now.get(k)!r})" for k in changed[:3])
         more = f" and {len(changed) - 3} more ({', '.join(changed[3:])})" if len(changed) > 3 else ""
-        raise OptionError(f"--resume: the options differ from {out / 'config.json'}: {detail}{more}; resume with "
+        raise OptionError(f"--resume: the options differ from {out / CONFIG_FILE}: {detail}{more}; resume with "
                           f"the run's options")
 
 
