@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .app.options import (BLOCK_SIZES, METHODS, RECIPE_NAMES, STUDENT_INITS, computed_defaults, describe_default,
                           resolve)
 from .app.options import OptionError as CLIError  # a user error: one line, exit status 2
+from .data import glue_task_names
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -81,7 +82,7 @@ def _add_common(p: argparse.ArgumentParser, command: str, data: bool = True, tra
     if data:
         if task:
             p.add_argument("--task", default="sst2",
-                           help="GLUE task: sst2, mrpc, rte, cola, stsb, qnli, mnli, qqp; or squad (SQuAD v1.1 "
+                           help=f"GLUE task: {', '.join(glue_task_names())}; or squad (SQuAD v1.1 "
                                 "question answering: a ...ForQuestionAnswering model, exact match / F1; see the "
                                 "SQuAD flags)")
         p.add_argument("--glue-dir", metavar="DIR", default=None,
