@@ -38,7 +38,8 @@ CAP_STATE_NAME = "cap_state.pt"
 
 
 class _CAPCallback(TrainerCallback):
-    """Routes Trainer events to the trainer: schedule, bank encoding, mask updates."""
+    """Routes Trainer events to the trainer and its pruning method: bank encoding, mask updates, CAP state in
+    checkpoints."""
 
     def __init__(self, trainer: "CAPTrainer"):
         self.trainer = trainer
@@ -58,6 +59,9 @@ class _CAPCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         # masks for the next step's forwards (official: threshold(global_step) at each forward)
         self.trainer.pruning.step(state.global_step + 1)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer._save_cap_state(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
 
 def _drop_idx(collator):
@@ -137,7 +141,7 @@ class CAPTrainer(transformers.Trainer):
                          compute_metrics=compute_metrics,
                          callbacks=[_CAPCallback(self), NanGuardCallback(policy=cfg.nan_policy),
                                     GracefulStopCallback()] + list(callbacks or []))
-        # last, so that every other on_save (and our _save_checkpoint) has written before the manifest
+        # last, so that every other on_save (our cap_state.pt included) has written before the manifest
         self.add_callback(AtomicCheckpointCallback())
         self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: let Trainer scale for accumulation
         self.banks: Optional[BankSet] = None
@@ -170,6 +174,8 @@ class CAPTrainer(transformers.Trainer):
 
     # -- data ------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
+        # private, no public hook: Trainer drops the columns forward() does not take, but compute_loss needs idx and
+        # the labels (args.label_names would also change prediction_step's labels)
         super()._set_signature_columns_if_needed()
         for col in ("idx", "labels", "label", "start_positions", "end_positions"):
             if col not in self._signature_columns:
@@ -185,7 +191,7 @@ class CAPTrainer(transformers.Trainer):
         try:
             import datasets
             if isinstance(ds, datasets.Dataset):
-                ds = self._remove_unused_columns(ds, description="CAP encoding")
+                ds = self._remove_unused_columns(ds, description="CAP encoding")  # as Trainer's own loaders
         except ImportError:
             pass
         indices = shard_indices(len(ds)) if shard else torch.arange(len(ds))
@@ -386,7 +392,8 @@ class CAPTrainer(transformers.Trainer):
         return abs(self.sparsity_report()["global"] - cfg.target_sparsity) <= cfg.sparsity_tolerance
 
     def _determine_best_metric(self, metrics, trial):
-        # load_best_model_at_end: a checkpoint from the sparsity ramp is not the model asked for, however good
+        # load_best_model_at_end: a checkpoint from the sparsity ramp is not the model asked for, however good.
+        # Private, no public hook: callbacks see the metrics (on_evaluate) but cannot veto a new best checkpoint
         if not self._at_target():
             return False
         return super()._determine_best_metric(metrics, trial)
@@ -471,9 +478,12 @@ class CAPTrainer(transformers.Trainer):
             model._keys_to_ignore_on_save = before
 
     def _save_checkpoint(self, model, trial):
+        # private, no public hook runs around the checkpoint's model save (on_save comes after it)
         with exact_state_dict(self.model):  # the pruned entries too: they can grow back after a resume
             super()._save_checkpoint(model, trial)
-        out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
+    def _save_cap_state(self, out: str) -> None:
+        """on_save: the banks, snapshot epochs and the pruning method's state beside the checkpoint."""
         if self.args.should_save:
             torch.save(self._cap_state(), os.path.join(out, CAP_STATE_NAME))
         if self.banks is not None and process_group(multi=True) is not None:  # each process samples its extras
@@ -532,6 +542,8 @@ def pruning_method(cfg: CAPConfig, model, trainer: Optional[CAPTrainer] = None) 
                       score_init_mode=cfg.score_init_mode, score_init_scale=cfg.score_init_scale)
         if cfg.method == "soft-movement":
             kwargs["min_keep"] = cfg.soft_min_keep
+        else:
+            kwargs.update(score_criterion=cfg.score_criterion, saliency_betas=cfg.saliency_betas)
     pruner = build_pruner(cfg.method, model, **kwargs)
     schedule = dict(unit=cfg.schedule_unit, initial_warmup=cfg.initial_warmup, final_warmup=cfg.final_warmup)
     if cfg.method == "soft-movement":
