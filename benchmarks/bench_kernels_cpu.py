@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from capsparse.layout import build_block_metadata
+from capsparse.layout import build_block_metadata, expand_bitmap
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -229,7 +229,7 @@ def run(cfg, bsr: bool, log=print, checkpoint=None) -> List[dict]:
                 if bsr and sp >= 0.7:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        mask = bitmap.repeat_interleave(blk, 0).repeat_interleave(blk, 1)
+                        mask = expand_bitmap(bitmap, (blk, blk))
                         w_bsr = (w * mask).to_sparse_bsr((blk, blk))
                         xt = x.t().contiguous()
                         r, d = timeit_pair(lambda: torch.sparse.mm(w_bsr, xt), dense_fns["fwd"], cfg["warmup"],
