@@ -4,8 +4,9 @@ Every pruner owns a list of ``(name, SparseLinear)`` layers and exposes:
 
 - :meth:`Pruner.score_parameters`: learnable scores (their own optimizer group), ``[]`` for magnitude;
 - :meth:`Pruner.update`: recompute every mask ONCE from the current scores at the scheduled value
-  (a kept fraction for top-k criteria, a sigmoid threshold for soft movement). The trainer calls it
-  once per optimizer step, after ``optimizer.step()``; forwards never recompute masks;
+  (the *density*, a kept fraction, for top-k criteria; the *sigmoid threshold* for soft movement). The
+  pruning method (:mod:`capsparse.pruning.method`) calls it once per optimizer step, after
+  ``optimizer.step()``; forwards never recompute masks;
 - :meth:`Pruner.regularization`: the soft-movement L1 term (``None`` otherwise);
 - :meth:`Pruner.remove`: drop hooks and score parameters, leaving plain ``SparseLinear`` layers.
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..layout import check_sparsity, kept_count_for_density, topk_mask
 from ..nn.sparse_linear import SparseLinear
+from ..sparsity import sparsity_report
 from ..surgery import sparse_layers
 from .score_grad import BLOCK_SCORE_MODES, MovementScoreFunction, _block_sum  # noqa: F401  (re-exported)
 
@@ -66,8 +68,6 @@ class Pruner:
     """Base class. ``layers``: ``(name, SparseLinear)`` pairs (default: every SparseLinear of ``model``)."""
 
     name = "base"
-    #: True when :meth:`update` takes a threshold (soft movement) instead of a kept fraction
-    uses_threshold = False
 
     def __init__(self, model: nn.Module, layers: Optional[Sequence[Tuple[str, SparseLinear]]] = None):
         self.model = model
@@ -87,7 +87,7 @@ class Pruner:
 
     @torch.no_grad()
     def update(self, value: float) -> None:
-        """Recompute all masks from the scores at ``value`` (kept fraction, or threshold)."""
+        """Recompute all masks from the scores at ``value`` (the density; soft movement: the sigmoid threshold)."""
         self._update(float(value))
         self.num_updates += 1
         self.last_value = float(value)
@@ -140,12 +140,8 @@ class Pruner:
         return new / kept if kept else 0.0
 
     def sparsity(self) -> float:
-        kept = total = 0
-        for _, layer in self.layers:
-            m = layer.element_mask()
-            kept += int(m.sum())
-            total += m.numel()
-        return 1.0 - kept / total
+        """The removed fraction of this pruner's layers (:func:`capsparse.sparsity.sparsity_report`)."""
+        return sparsity_report(self.model, layers=self.layers).sparsity
 
     def state_dict(self) -> dict:
         state = {"num_updates": self.num_updates, "last_value": self.last_value}
@@ -345,16 +341,15 @@ class SoftMovementPruner(_ScorePruner):
     The reached sparsity is not set directly: measure it with :meth:`sparsity`."""
 
     name = "soft-movement"
-    uses_threshold = True
 
     def __init__(self, model, layers=None, score_init: float = 0.0, min_keep: float = 0.005, **kwargs):
         super().__init__(model, layers, score_init=score_init, **kwargs)
         self.min_keep = float(min_keep)
 
-    def _update(self, threshold: float) -> None:
+    def _update(self, sigmoid_threshold: float) -> None:
         for name, layer in self.layers:
             scores = getattr(layer, SCORE_ATTR).detach()
-            mask = torch.sigmoid(scores) > threshold
+            mask = torch.sigmoid(scores) > sigmoid_threshold
             n = scores.numel()
             nb_min = int(self.min_keep * n) + 1  # as the official ThresholdBinarizer
             # the floor's top-k is always formed so that choosing between the two needs no host sync
