@@ -57,7 +57,7 @@ class _CAPCallback(TrainerCallback):
         self.trainer.pruning.before_optimizer_step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        # masks for the next step's forwards (official: threshold(global_step) at each forward)
+        # masks for the next step's forwards (official: the scheduled value at global_step, at each forward)
         self.trainer.pruning.step(state.global_step + 1)
 
     def on_save(self, args, state, control, **kwargs):
@@ -91,6 +91,10 @@ class CAPTrainer(transformers.Trainer):
         eval_dataset, processing_class, data_collator, compute_metrics, callbacks: as ``Trainer``.
         teacher: the dense fine-tuned teacher (KD and FiC). ``None``: a copy of ``model`` is fine-tuned first
             for ``cap_config.teacher_epochs`` epochs (only when KD or FiC is on).
+
+    Wiring: what differs between tasks is the task head's (``self.head``, :mod:`capsparse.cap.heads`), what
+    prunes and when is the pruning method's (``self.pruning``, :mod:`capsparse.pruning.method`); the trainer
+    routes Trainer events to them and owns the banks, the objective and checkpoints.
 
     Question answering (SQuAD): the task loss is the mean start/end cross-entropy, KD the mean start/end
     ``T^2 * KL`` over the real tokens (:func:`capsparse.cap.losses.qa_kd_loss`), the teacher's start/end logits
@@ -566,7 +570,7 @@ def prune_model(model, train_dataset, cap_config: Optional[CAPConfig] = None, ou
     trainer = CAPTrainer(model, args, cfg, train_dataset, eval_dataset=eval_dataset, teacher=teacher)
     trainer.train()
     report = trainer.sparsity_report()
-    if cfg.structured and compact:
+    if compact and trainer.structured_masks is not None:
         trainer.compact()
     trainer.finalize()
     return trainer.model, report
