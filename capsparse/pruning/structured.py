@@ -20,16 +20,16 @@ import torch
 from torch import nn
 
 from ..sparsity import HEAD_MASK, NEURON_MASK, sparsity_report
+from ..sparsity import encoder_layers as _encoder_layers
 
 
 def encoder_layers(model: nn.Module) -> List[nn.Module]:
-    base = getattr(model, "base_model", model)
-    encoder = getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if layers is None:
+    """:func:`capsparse.sparsity.encoder_layers`, which must find some."""
+    layers = _encoder_layers(model)
+    if not layers:
         raise ValueError(f"model: expected a BERT-family model with base_model.encoder.layer, got "
                          f"{type(model).__name__}")
-    return list(layers)
+    return layers
 
 
 def _head_hook(attn_output_module):
