@@ -145,7 +145,7 @@ def _output_run(o: Dict[str, Any], command: str) -> Optional[RunDir]:
 
 def evaluate(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, Any]:
     """Evaluate a transformers directory or a compressed export on a GLUE split (or SQuAD: exact match / F1)."""
-    from ..cap.trainer import is_qa_model
+    from ..cap.heads import is_qa_model
     from ..export import load_any
     from ..sparsity import sparsity_report
 
@@ -239,7 +239,7 @@ def predict(options: Optional[Dict[str, Any]] = None, **overrides) -> List[Dict[
 
     import torch
 
-    from ..cap.trainer import is_qa_model
+    from ..cap.heads import is_qa_model
     from ..export import load_any
 
     given = dict(options or {}, **overrides)

@@ -275,7 +275,7 @@ def featurize(t, tokenizer, o: Dict[str, Any], raw):
 
 
 def load_teacher(path, t):
-    from ..cap.trainer import is_qa_model
+    from ..cap.heads import is_qa_model
     from ..export import load_any
 
     squad = is_squad_task(t)
@@ -297,7 +297,7 @@ def load_teacher(path, t):
 
 def check_qa_checkpoint(model, path, flag: str) -> None:
     """A model that must already be a trained QA model (teacher, evaluated model): not a fresh QA head."""
-    from ..cap.trainer import is_qa_model
+    from ..cap.heads import is_qa_model
     from ..export import is_compressed_dir
 
     if not is_qa_model(model):
