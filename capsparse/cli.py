@@ -89,7 +89,8 @@ def _add_common(p: argparse.ArgumentParser, command: str, data: bool = True, tra
                        help="local GLUE directory (default: $CAPSPARSE_GLUE_DIR, then shared/glue next to the repo)")
         _option(p, command, "--max-length", "maximum tokens per example (truncation" + (
             "; for squad the question+context window length)" if task else ")"), type=int)
-        _option(p, command, "--batch-size", "training batch size (per step)", type=int)
+        if command != "eval":  # eval trains nothing: a training batch size there would be silently ignored
+            _option(p, command, "--batch-size", "training batch size (per step)", type=int)
         p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch size")
         _option(p, command, "--max-eval-examples", "evaluate on a seeded subset of this many dev examples",
                 unset="all", type=int)

@@ -43,6 +43,14 @@ CONFIGS = {
     "capm-official-90": ("CAP-m (official zero-start scores)",
                          ["--method", "movement", "--cap", "--sparsity", "0.9",
                           "--cap-option", "score_init_mode=constant"]),
+    "saliency-90": ("movement (saliency scores)", ["--method", "movement", "--no-cap", "--sparsity", "0.9",
+                                                    "--cap-option", "score_criterion=saliency"]),
+    "capsal-90": ("CAP-m (saliency scores)", ["--method", "movement", "--cap", "--sparsity", "0.9",
+                                              "--cap-option", "score_criterion=saliency"]),
+    "saliency-97": ("movement (saliency scores)", ["--method", "movement", "--no-cap", "--sparsity", "0.97",
+                                                    "--cap-option", "score_criterion=saliency"]),
+    "capsal-97": ("CAP-m (saliency scores)", ["--method", "movement", "--cap", "--sparsity", "0.97",
+                                              "--cap-option", "score_criterion=saliency"]),
     "block-90": ("block movement (32x32)", ["--method", "block-movement", "--block-size", "32", "--no-cap",
                                            "--sparsity", "0.9"]),
     "capblock-90": ("CAP + block movement (32x32)", ["--method", "block-movement", "--block-size", "32", "--cap",
@@ -56,6 +64,7 @@ CONFIGS = {
 DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "magnitude-90", "capmag-90",
                    "movement-official-90", "capm-official-90", "block-90", "capblock-90", "soft", "capsoft"]
 PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("movement-official-90", "capm-official-90"),
+         ("saliency-90", "capsal-90"), ("saliency-97", "capsal-97"),
          ("block-90", "capblock-90"),
          ("soft", "capsoft"), ("magnitude-90", "capmag-90")]
 

@@ -43,6 +43,12 @@ def load_script(name: str):
     return module
 
 
+def _eval_flags(flags):
+    """``flags`` without ``--batch-size N``: eval trains nothing, so the CLI refuses a training batch size."""
+    i = flags.index("--batch-size")
+    return flags[:i] + flags[i + 2:]
+
+
 COMMON = ["--task", "sst2", "--max-length", "32", "--batch-size", "16", "--eval-batch-size", "64",
           "--max-train-examples", "96", "--max-eval-examples", "64", "--seed", "1"]
 
@@ -75,7 +81,7 @@ def test_finetune_prune_eval_predict_export(tiny_model_dir, tmp_path, capsys):
 
     # the export evaluates to the same accuracy as the run reported
     capsys.readouterr()
-    assert cli.main(["eval", "--model", str(export_dir), "--output-dir", str(tmp_path / "ev"), *COMMON[:8],
+    assert cli.main(["eval", "--model", str(export_dir), "--output-dir", str(tmp_path / "ev"), *_eval_flags(COMMON[:8]),
                      "--max-eval-examples", "64", "--seed", "1"]) == 0
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())["eval"]
     assert ev["accuracy"] == pytest.approx(metrics["eval"]["accuracy"])

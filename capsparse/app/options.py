@@ -204,7 +204,7 @@ def computed_defaults(command: str) -> Dict[str, List[DefaultCase]]:
     out: Dict[str, List[DefaultCase]] = {}
     if command in ("finetune", "prune", "eval"):
         out["max_length"] = task_cases(GLUE_MAX_LENGTH, SQUAD_MAX_LENGTH)
-    if command in ("finetune", "eval"):
+    if command == "finetune":
         out["batch_size"] = task_cases(GLUE_BATCH_SIZE, SQUAD_BATCH_SIZE)
     if command == "finetune":
         out["learning_rate"] = [("", {}, FINETUNE_LEARNING_RATE)]
