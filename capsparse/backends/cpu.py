@@ -117,9 +117,14 @@ def bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm: int, bk: int):
 
     Always the sparse kernel: it beats dense + masking at every density measured.
     """
-    nnz = int(nnz)
     return _C().bsl_grad_weight(grad_y.contiguous(), x.contiguous(), _index(block_rows), _index(block_cols),
-                                nnz, int(bm), int(bk))
+                                int(nnz), int(bm), int(bk))
+
+
+def bsl_grad_weight_blocks(grad_y, x, block_rows, block_cols, nnz, bm: int, bk: int):
+    """The kept blocks of ``grad_y^T @ x`` only: ``[nnz, bm, bk]`` in block order (no zero-filled ``[N, K]``)."""
+    return _C().bsl_grad_weight(grad_y.contiguous(), x.contiguous(), _index(block_rows), _index(block_cols),
+                                int(nnz), int(bm), int(bk), compact=True)
 
 
 # Densities (nonzeros of W * M / all) at or below which the masked-linear forward runs the CSR kernel

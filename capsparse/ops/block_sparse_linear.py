@@ -1,7 +1,7 @@
 """Block-sparse linear: ``y = x (W * expand(bitmap))^T + b`` with forward, dX and dW on kept blocks.
 
 Chain: backend primitive (``capsparse.backends.<name>.bsl_*``) -> ``torch.library`` custom ops
-``capsparse::bsl_forward / bsl_grad_input / bsl_grad_weight`` (with fake implementations, so
+``capsparse::bsl_forward / bsl_grad_input / bsl_grad_weight / bsl_grad_weight_blocks`` (with fake implementations, so
 ``torch.compile`` traces them) -> :class:`BlockSparseLinearFunction` -> :func:`block_sparse_linear`.
 :func:`block_sparse_linear_reference` is the plain PyTorch oracle.
 
@@ -66,14 +66,98 @@ def _(grad_y, x, block_rows, block_cols, nnz, bm, bk, backend, density):
     return x.new_empty(grad_y.shape[1], x.shape[1])
 
 
+@torch.library.custom_op("capsparse::bsl_grad_weight_blocks", mutates_args=())
+def _bsl_grad_weight_blocks(grad_y: torch.Tensor, x: torch.Tensor, block_rows: torch.Tensor,
+                            block_cols: torch.Tensor, nnz: torch.Tensor, bm: int, bk: int, backend: str,
+                            density: float) -> torch.Tensor:
+    args = (grad_y, x, block_rows, block_cols, nnz, bm, bk)
+    if hasattr(get_backend(backend), "bsl_grad_weight_blocks"):
+        return _call(backend, "bsl_grad_weight_blocks", args, density)
+    # backends without a compact kernel: their dense dW, then the kept blocks (syncs once for nnz)
+    n, k = grad_y.shape[1], x.shape[1]
+    rows, cols = block_rows[:int(nnz)].to(torch.int64), block_cols[:int(nnz)].to(torch.int64)
+    return _call(backend, "bsl_grad_weight", args, density).reshape(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)[
+        rows, cols].contiguous()
+
+
+@_bsl_grad_weight_blocks.register_fake
+def _(grad_y, x, block_rows, block_cols, nnz, bm, bk, backend, density):
+    return x.new_empty(torch.library.get_ctx().new_dynamic_size(), bm, bk)
+
+
+def _block_index(layout: BlockLayout, count: int):
+    return layout.block_rows[:count].to(torch.int64), layout.block_cols[:count].to(torch.int64)
+
+
+def _block_view(t: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """``[N, K]`` as ``[R, C, bm, bk]`` (a view: writes reach ``t``)."""
+    (r, c), (bm, bk) = layout.grid, layout.block_size
+    return t.view(r, bm, c, bk).permute(0, 2, 1, 3)
+
+
+def scatter_blocks(blocks: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Dense ``[N, K]`` from the kept blocks ``[nnz, bm, bk]`` (in ``layout``'s block order), zeros elsewhere."""
+    out = blocks.new_zeros(layout.shape)
+    _block_view(out, layout)[_block_index(layout, blocks.shape[0])] = blocks
+    return out
+
+
+def kept_block_sums(blocks: torch.Tensor, weight: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """fp32 ``[R, C]``: ``sum(blocks[q] * W's block q)`` at each kept block, 0 at pruned blocks."""
+    index = _block_index(layout, blocks.shape[0])
+    sums = (blocks.float() * _block_view(weight.detach(), layout)[index].float()).sum(dim=(1, 2))
+    grid = sums.new_zeros(layout.grid)
+    grid[index] = sums
+    return grid
+
+
+class GradWeightOffer:
+    """The weight gradient of one block-sparse product, handed over by a consumer of its output whose
+    backward runs first and forms the same product (movement scores), so that it is not formed twice.
+
+    It is taken only by the backward that receives exactly the gradient the consumer saw (same memory,
+    same version): if anything else adds to the output's gradient, the product is formed again.
+    """
+    __slots__ = ("key", "blocks", "dense")
+
+    def __init__(self):
+        self.key = self.blocks = self.dense = None
+
+    @staticmethod
+    def _key(grad: torch.Tensor):
+        return (grad.data_ptr(), grad._version, grad.numel()) if grad.is_contiguous() else None
+
+    def give(self, grad_output: torch.Tensor, blocks: Optional[torch.Tensor] = None,
+             dense: Optional[torch.Tensor] = None) -> None:
+        """``blocks``: the kept-block ``grad_y^T x`` ``[nnz, bm, bk]``; or ``dense``: the whole ``[N, K]`` product."""
+        self.key, self.blocks, self.dense = self._key(grad_output), blocks, dense
+
+    def take(self, grad_y: torch.Tensor):
+        key, blocks, dense = self.key, self.blocks, self.dense
+        self.key = self.blocks = self.dense = None
+        if key is None or key != self._key(grad_y):
+            return None, None
+        return blocks, dense
+
+
+_OFFER_ATTR = "_capsparse_grad_weight_offer"
+
+
+def grad_weight_offer(output: torch.Tensor) -> Optional[GradWeightOffer]:
+    """The :class:`GradWeightOffer` of a :func:`block_sparse_linear` output (``None`` for other tensors)."""
+    return getattr(output, _OFFER_ATTR, None)
+
+
 class BlockSparseLinearFunction(torch.autograd.Function):
     """Autograd for the block-sparse product on 2-D inputs; the backend is fixed before ``apply``."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, bias, layout: BlockLayout, backend: str, density: float):
+    def forward(ctx, x2d, weight, bias, layout: BlockLayout, backend: str, density: float,
+                offer: Optional[GradWeightOffer] = None):
         bm, bk = layout.block_size
         ctx.save_for_backward(x2d, weight)
         ctx.layout, ctx.backend, ctx.has_bias, ctx.density = layout, backend, bias is not None, density
+        ctx.offer = offer
         return _bsl_forward(x2d, weight, bias, layout.row_ptr, layout.row_cols, bm, bk, backend, density)
 
     @staticmethod
@@ -81,33 +165,44 @@ class BlockSparseLinearFunction(torch.autograd.Function):
         x2d, weight = ctx.saved_tensors
         layout, backend, density = ctx.layout, ctx.backend, ctx.density
         bm, bk = layout.block_size
+        blocks, dense = ctx.offer.take(grad_y) if ctx.offer is not None else (None, None)
         grad_y = grad_y.contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = _bsl_grad_input(grad_y, weight, layout.col_ptr, layout.col_rows, bm, bk, backend, density)
         if ctx.needs_input_grad[1]:
-            grad_w = _bsl_grad_weight(grad_y, x2d, layout.block_rows, layout.block_cols, layout.nnz, bm, bk,
-                                      backend, density)
+            if blocks is not None:
+                grad_w = scatter_blocks(blocks.to(weight.dtype), layout)
+            elif dense is not None:
+                keep = layout.bitmap[:, :, None, None]
+                grad_w = dense.to(weight.dtype).clone()
+                _block_view(grad_w, layout).masked_fill_(~keep, 0)
+            else:
+                grad_w = _bsl_grad_weight(grad_y, x2d, layout.block_rows, layout.block_cols, layout.nnz, bm, bk,
+                                          backend, density)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def block_sparse_grad_weight(grad_y: torch.Tensor, x: torch.Tensor, layout: BlockLayout, backend: Optional[str] = None,
-                             density: Optional[float] = None) -> torch.Tensor:
+                             density: Optional[float] = None, compact: bool = False) -> torch.Tensor:
     """``grad_y^T @ x`` on the kept blocks of ``layout`` (exactly 0 elsewhere), outside autograd: the
     block-sparse dW on its own, for callers that need the product itself (movement pruning's block scores).
 
     ``grad_y``: ``(T, out_features)``, ``x``: ``(T, in_features)``; ``backend`` and ``density`` as in
     :func:`block_sparse_linear` (the backend is resolved here, so callers never import the backends).
+    ``compact=True``: only the kept blocks, ``[nnz, bm, bk]`` in the layout's block order (no zero-filled
+    ``[N, K]`` matrix; :func:`scatter_blocks` expands it).
     """
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout: expected a capsparse.layout.BlockLayout, got {type(layout).__name__}")
     name = resolve_backend(x.device, backend, op="block_sparse_grad_weight")
     bm, bk = layout.block_size
     hint = -1.0 if density is None else float(density)
-    return _bsl_grad_weight(grad_y.to(x.dtype).contiguous(), x.contiguous(), layout.block_rows, layout.block_cols,
-                            layout.nnz, bm, bk, name, hint)
+    op = _bsl_grad_weight_blocks if compact else _bsl_grad_weight
+    return op(grad_y.to(x.dtype).contiguous(), x.contiguous(), layout.block_rows, layout.block_cols, layout.nnz, bm,
+              bk, name, hint)
 
 
 def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayout,
@@ -147,5 +242,11 @@ def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayo
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         hint = -1.0 if density is None else float(density)
-        y = BlockSparseLinearFunction.apply(x2d, weight.contiguous(), bias, layout, name, hint)
-    return y.reshape(*lead, weight.shape[0])
+        # (not under torch.compile: the hand-over is a Python attribute on the output)
+        offer = (GradWeightOffer() if torch.is_grad_enabled() and weight.requires_grad
+                 and not torch.compiler.is_compiling() else None)
+        y = BlockSparseLinearFunction.apply(x2d, weight.contiguous(), bias, layout, name, hint, offer)
+    y = y.reshape(*lead, weight.shape[0])
+    if offer is not None:
+        setattr(y, _OFFER_ATTR, offer)
+    return y

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops.block_sparse_linear import block_sparse_grad_weight
+from ..ops.block_sparse_linear import block_sparse_grad_weight, grad_weight_offer, kept_block_sums
 
 #: share of the tokens used for the pruned blocks' estimate in ``"sampled"`` mode
 SAMPLE_FRACTION = 0.125
@@ -48,15 +48,18 @@ def sample_tokens(t: int, fraction: float, device, generator: Optional[torch.Gen
 
 
 def _kept_block_grad(layer, layout, g2, x2):
-    # the functional op resolves the layer's backend and runs the registered capsparse::bsl_grad_weight
-    return block_sparse_grad_weight(g2, x2, layout, backend=layer.backend)
+    # the functional op resolves the layer's backend; only the kept blocks [nnz, bm, bk] (no zero-filled [N, K])
+    return block_sparse_grad_weight(g2, x2, layout, backend=layer.backend, compact=True)
 
 
 def sampled_block_score_grad(layer, layout, g2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
-                             fraction: float = SAMPLE_FRACTION,
-                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Block scores' gradient: kept blocks exact, pruned blocks the unbiased token-subsample estimate."""
-    kept = _block_sum(_kept_block_grad(layer, layout, g2, x2).float() * weight.float(), layout.block_size)
+                             fraction: float = SAMPLE_FRACTION, generator: Optional[torch.Generator] = None,
+                             blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block scores' gradient: kept blocks exact, pruned blocks the unbiased token-subsample estimate.
+    ``blocks``: the kept-block ``g^T x`` if already formed (``[nnz, bm, bk]``)."""
+    if blocks is None:
+        blocks = _kept_block_grad(layer, layout, g2, x2)
+    kept = kept_block_sums(blocks, weight, layout)
     t = x2.shape[0]
     idx = sample_tokens(t, fraction, x2.device, generator)
     gs, xs = g2.index_select(0, idx).to(weight.dtype), x2.index_select(0, idx).to(weight.dtype)
@@ -76,6 +79,8 @@ class MovementScoreFunction(torch.autograd.Function):
         ctx.layer, ctx.mode = layer, mode
         blocky = mode in ("fast", "sampled") and layer.block_size is not None
         ctx.layout = layer.layout if blocky else None
+        # the layer's own backward takes the product formed here instead of forming it again
+        ctx.offer = grad_weight_offer(output) if weight.requires_grad else None
         return output.view_as(output)
 
     @staticmethod
@@ -83,15 +88,24 @@ class MovementScoreFunction(torch.autograd.Function):
         grad_scores = None
         if ctx.needs_input_grad[3]:
             x, weight = ctx.saved_tensors
+            # contiguous once here (the reshape below would copy anyway): the layer's backward then receives
+            # this same memory and can take the product formed here (GradWeightOffer)
+            grad_out = grad_out.contiguous()
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
-            layer, layout = ctx.layer, ctx.layout
-            if layout is not None and ctx.mode == "sampled":
-                return grad_out, None, None, sampled_block_score_grad(layer, layout, g2, x2, weight), None, None
-            if layout is not None:
-                grad_wp = _kept_block_grad(layer, layout, g2, x2)
-            else:
-                grad_wp = g2.t().to(weight.dtype) @ x2.to(weight.dtype)
+            layer, layout, offer = ctx.layer, ctx.layout, ctx.offer
+            if layout is not None:  # fast / sampled: the kept blocks from the block-sparse dW
+                blocks = _kept_block_grad(layer, layout, g2, x2)
+                if offer is not None:
+                    offer.give(grad_out, blocks=blocks)
+                if ctx.mode == "sampled":
+                    grad_scores = sampled_block_score_grad(layer, layout, g2, x2, weight, blocks=blocks)
+                else:
+                    grad_scores = kept_block_sums(blocks, weight, layout)
+                return grad_out, None, None, grad_scores, None, None
+            grad_wp = g2.t().to(weight.dtype) @ x2.to(weight.dtype)
+            if offer is not None:
+                offer.give(grad_out, dense=grad_wp)
             prod = grad_wp.float() * weight.float()
             if layer.block_size is not None:
                 prod = _block_sum(prod, layer.block_size)

@@ -333,8 +333,9 @@ at::Tensor bsl_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, co
   return gx;
 }
 
+// compact: the kept blocks only, [nnz, bm, bk] in block order (no zero-filled [N, K] matrix)
 at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& block_rows,
-                           const at::Tensor& block_cols, int64_t nnz, int64_t bm, int64_t bk) {
+                           const at::Tensor& block_cols, int64_t nnz, int64_t bm, int64_t bk, bool compact) {
   TORCH_CHECK(grad_y.dim() == 2 && x.dim() == 2, "bsl_grad_weight: grad_y and x must be 2-D");
   TORCH_CHECK(grad_y.device().is_cpu() && x.device().is_cpu(), "bsl_grad_weight: CPU tensors expected");
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "bsl_grad_weight: dtypes differ");
@@ -346,18 +347,27 @@ at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const 
   check_index(block_cols, "block_cols");
   TORCH_CHECK(nnz >= 0 && nnz <= block_rows.numel() && nnz <= block_cols.numel(), "bsl_grad_weight: bad nnz ", nnz);
   if (low_precision(x.scalar_type())) {
-    return bsl_grad_weight(grad_y.to(at::kFloat), x.to(at::kFloat), block_rows, block_cols, nnz, bm, bk)
+    return bsl_grad_weight(grad_y.to(at::kFloat), x.to(at::kFloat), block_rows, block_cols, nnz, bm, bk, compact)
         .to(x.scalar_type());
   }
-  at::Tensor gw = at::zeros({N, K}, x.options());
+  const bool fast = x.scalar_type() == at::kFloat && bk % NR == 0;
+  if (compact && !fast) {  // generic path: dense, then gather the kept blocks
+    const int64_t C = K / bk;
+    at::Tensor dense = bsl_grad_weight(grad_y, x, block_rows, block_cols, nnz, bm, bk, false);
+    at::Tensor flat = block_rows.slice(0, 0, nnz).to(at::kLong) * C + block_cols.slice(0, 0, nnz).to(at::kLong);
+    return dense.view({N / bm, bm, C, bk}).permute({0, 2, 1, 3}).reshape({-1, bm, bk}).index_select(0, flat);
+  }
+  at::Tensor gw = compact ? (T == 0 ? at::zeros({nnz, bm, bk}, x.options()) : at::empty({nnz, bm, bk}, x.options()))
+                          : at::zeros({N, K}, x.options());
   if (nnz == 0 || N == 0 || K == 0) return gw;
   const int32_t* br = block_rows.data_ptr<int32_t>();
   const int32_t* bc = block_cols.data_ptr<int32_t>();
-  if (x.scalar_type() == at::kFloat && bk % NR == 0) {
+  if (fast) {
     const float* GY = grad_y.data_ptr<float>();
     const float* X = x.data_ptr<float>();
     float* GW = gw.data_ptr<float>();
     if (T == 0) return gw;
+    const int64_t ldw = compact ? bk : K;
     int64_t Tc = g_dw_chunk > 0 ? g_dw_chunk : 256;
     const int32_t zero = 0;
     const int nthreads = 2.0 * (double)T * (double)nnz * (double)(bm * bk) < 4e6 ? 1 : num_threads();
@@ -372,11 +382,12 @@ at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const 
 #pragma omp for schedule(static) nowait
         for (int64_t q = 0; q < nnz; ++q) {
           const int64_t r0 = (int64_t)br[q] * bm, c0 = (int64_t)bc[q] * bk;
+          float* gq = compact ? GW + q * bm * bk : GW + r0 * K + c0;
           for (int64_t s = 0; s < nstrips; ++s)
             for (int64_t i0 = 0; i0 < bm; i0 += MRMAX) {
               const int mr = (int)std::min<int64_t>(MRMAX, bm - i0);
               ukr_for(mr)(1, &zero, tc, GY + t0 * N + r0 + i0, 0, N, 1, X + t0 * K + c0 + s * NR, 0, K,
-                          GW + (r0 + i0) * K + c0 + s * NR, K, mode, nullptr);
+                          gq + i0 * ldw + s * NR, ldw, mode, nullptr);
             }
         }
       }

@@ -9,9 +9,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bsl_grad_input", &capsparse::bsl_grad_input, "block-sparse linear dX", py::arg("grad_y"),
         py::arg("weight"), py::arg("col_ptr"), py::arg("col_rows"), py::arg("bm"), py::arg("bk"),
         py::arg("out") = py::none());
-  m.def("bsl_grad_weight", &capsparse::bsl_grad_weight, "block-sparse linear dW on kept blocks",
+  m.def("bsl_grad_weight", &capsparse::bsl_grad_weight,
+        "block-sparse linear dW on kept blocks: dense [N, K] (zeros elsewhere) or compact [nnz, bm, bk]",
         py::arg("grad_y"), py::arg("x"), py::arg("block_rows"), py::arg("block_cols"), py::arg("nnz"),
-        py::arg("bm"), py::arg("bk"));
+        py::arg("bm"), py::arg("bk"), py::arg("compact") = false);
   m.def("csr_linear", &capsparse::csr_linear, "element-sparse (CSR) linear forward, inference",
         py::arg("x"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("bias"),
         py::arg("in_features"));
