@@ -129,7 +129,8 @@ class GradWeightOffer:
 
     def give(self, grad_output: torch.Tensor, blocks: Optional[torch.Tensor] = None,
              dense: Optional[torch.Tensor] = None) -> None:
-        """``blocks``: the kept-block ``grad_y^T x`` ``[nnz, bm, bk]``; or ``dense``: the whole ``[N, K]`` product."""
+        """``blocks``: the kept-block ``grad_y^T x`` ``[nnz, bm, bk]``; or ``dense``: the whole ``[N, K]`` product.
+        Ownership passes to the taker (it may modify them): the giver must not read them afterwards."""
         self.key, self.blocks, self.dense = self._key(grad_output), blocks, dense
 
     def take(self, grad_y: torch.Tensor):
@@ -174,9 +175,9 @@ class BlockSparseLinearFunction(torch.autograd.Function):
             if blocks is not None:
                 grad_w = scatter_blocks(blocks.to(weight.dtype), layout)
             elif dense is not None:
-                keep = layout.bitmap[:, :, None, None]
-                grad_w = dense.to(weight.dtype).clone()
-                _block_view(grad_w, layout).masked_fill_(~keep, 0)
+                # the offered product is handed over (nobody reads it after the offer): masked in place
+                grad_w = dense.to(weight.dtype).contiguous()
+                _block_view(grad_w, layout).masked_fill_(~layout.bitmap[:, :, None, None], 0)
             else:
                 grad_w = _bsl_grad_weight(grad_y, x2d, layout.block_rows, layout.block_cols, layout.nnz, bm, bk,
                                           backend, density)
