@@ -155,3 +155,24 @@ def test_import_is_lean():
             "assert not bad, bad; assert not torch.cuda.is_initialized(); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("shape", [(5, 48), (2, 3, 48), (0, 48)], ids=str)
+def test_inference_path_equals_training_path(block, density, shape):
+    """Under no_grad / inference_mode the forward op runs without an autograd node: same values, no graph."""
+    torch.manual_seed(0)
+    layer = SparseLinear(48, 32, block_size=block, backend="cpu")
+    scores = torch.rand(layer.block_mask.shape if block else layer.mask.shape)
+    layer.set_mask(scores < density if density < 1 else torch.ones_like(scores, dtype=torch.bool))
+    x = torch.randn(*shape)
+    with_graph = layer(x)
+    assert with_graph.grad_fn is not None
+    ref = torch.nn.functional.linear(x, (layer.weight * layer.element_mask()).detach(), layer.bias.detach())
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y = layer(x)
+        assert y.grad_fn is None and y.shape == ref.shape
+        torch.testing.assert_close(y, with_graph.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

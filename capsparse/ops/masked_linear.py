@@ -89,5 +89,12 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
             masked_weight = weight.detach() * mask
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
-        y = MaskedLinearFunction.apply(x2d, weight, masked_weight, mask, bias, name)
+        if _needs_graph(x, weight, bias):
+            y = MaskedLinearFunction.apply(x2d, weight, masked_weight, mask, bias, name)
+        else:  # inference: the forward op alone (no autograd node, no saved tensors)
+            y = _masked_linear_forward(x2d, masked_weight, bias, name)
     return y.reshape(*lead, weight.shape[0])
+
+
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
