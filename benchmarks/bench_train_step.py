@@ -115,107 +115,33 @@ def tensor_bytes(*objs) -> int:
     return total
 
 
-# -- fallbacks, used only when the CAP engineer's pieces cannot be imported ---------------------------
-class _MiniBank:
-    def __init__(self, n, dim):
-        self.data = torch.zeros(n, 1, dim)
-        self.count = 0
+def make_pruner(model, block_score_mode: str):
+    from capsparse.pruning.pruners import MovementPruner
 
-    def new_slot(self):
-        self.count = 1
-        return 0
-
-    def write(self, slot, ids, vectors):
-        self.data[ids, slot] = F.normalize(vectors.float(), dim=-1)
+    pruner = MovementPruner(model, block_score_mode=block_score_mode)  # checks the mode
+    with torch.no_grad():
+        for p in pruner.score_parameters():
+            p.normal_()
+    return pruner, "capsparse.pruning.pruners.MovementPruner"
 
 
-class MiniBankSet:
-    """Pre-allocated ``[N, 1, D]`` banks with ``keys_for`` as in capsparse.cap.banks (fallback)."""
+def make_banks(n, dim, labels):
+    from capsparse.cap.banks import BankSet
 
-    def __init__(self, n_examples, dim, reps, labels=None, seed=0):
-        self.n_examples = n_examples
-        self.banks = {name: _MiniBank(n_examples, dim) for name in reps}
-        self.labels = labels
-        self.teacher_logits = None
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __getitem__(self, name):
-        return self.banks[name]
-
-    def keys_for(self, name, query, ids, labels, n_extra_keys):
-        bank = self.banks[name]
-        extra = torch.randperm(self.n_examples, generator=self.generator)[:n_extra_keys]
-        bank_ids = torch.cat([ids, extra])
-        keys = torch.cat([query.detach().float(), bank.data[bank_ids, 0]])
-        key_ids = torch.cat([ids, bank_ids])
-        key_labels = torch.cat([labels, self.labels[bank_ids]])
-        return keys, key_ids, key_labels, torch.arange(query.shape[0])
-
-
-class MiniMovementPruner:
-    """Movement scores updated from ``W * dW`` after backward; per-matrix kthvalue top-k (fallback)."""
-
-    def __init__(self, model):
-        from capsparse import sparse_layers
-        self.layers = sparse_layers(model)
-        self.scores = []
-        for _, layer in self.layers:
-            shape = layer.mask.shape if layer.block_size is None else layer.block_mask.shape
-            self.scores.append(torch.zeros(shape))
-
-    def score_parameters(self):
-        return []
-
-    @torch.no_grad()
-    def update(self, density):
-        from capsparse.layout import topk_mask
-        for (_, layer), s in zip(self.layers, self.scores):
-            if layer.weight.grad is not None:
-                prod = -(layer.weight * layer.weight.grad)
-                if layer.block_size is not None:
-                    bm, bk = layer.block_size
-                    prod = prod.reshape(s.shape[0], bm, s.shape[1], bk).sum((1, 3))
-                s.add_(prod)
-            layer.set_mask(topk_mask(s, density))
-
-
-def make_pruner(model, block_score_mode: str, notes: List[str]):
-    try:
-        from capsparse.pruning.pruners import MovementPruner
-        pruner = MovementPruner(model, block_score_mode=block_score_mode)  # checks the mode
-        with torch.no_grad():
-            for p in pruner.score_parameters():
-                p.normal_()
-        return pruner, "capsparse.pruning.pruners.MovementPruner"
-    except Exception as exc:  # noqa: BLE001
-        notes.append(f"capsparse.pruning unavailable ({type(exc).__name__}: {exc}); benchmark MiniMovementPruner used")
-        return MiniMovementPruner(model), "benchmark MiniMovementPruner"
-
-
-def make_banks(n, dim, labels, notes: List[str]):
     vecs = {name: torch.randn(n, dim) for name in BANKS}
-    try:
-        from capsparse.cap.banks import BankSet
-        banks = BankSet(n, dim, {name: 1 for name in BANKS}, labels=labels, seed=0)
-        source = "capsparse.cap.banks.BankSet"
-    except Exception as exc:  # noqa: BLE001
-        notes.append(f"capsparse.cap.banks unavailable ({type(exc).__name__}: {exc}); benchmark MiniBankSet used")
-        banks, source = MiniBankSet(n, dim, BANKS, labels=labels), "benchmark MiniBankSet"
+    banks = BankSet(n, dim, {name: 1 for name in BANKS}, labels=labels, seed=0)
     ids = torch.arange(n)
     for name in BANKS:
         bank = banks[name]
         bank.write(bank.new_slot(), ids, vecs[name])
     banks.teacher_logits = torch.randn(n, 2)
-    return banks, source
+    return banks, "capsparse.cap.banks.BankSet"
 
 
 def kd(student_logits, teacher_logits):
-    try:
-        from capsparse.cap.losses import kd_loss
-        return kd_loss(student_logits, teacher_logits, KD_T)
-    except ImportError:
-        return F.kl_div(F.log_softmax(student_logits / KD_T, -1), F.softmax(teacher_logits / KD_T, -1),
-                        reduction="batchmean") * KD_T ** 2
+    from capsparse.cap.losses import kd_loss
+
+    return kd_loss(student_logits, teacher_logits, KD_T)
 
 
 # -- official-style pieces ------------------------------------------------------------------------
@@ -306,11 +232,14 @@ class Step:
         self.model.train()
         self.teacher = self.banks = self.pruner = None
         extra_params = []
+        if variant != "dense fine-tune":  # CAPTrainer's default and the official masked BERT: embeddings fixed
+            from capsparse.pruning.embeddings import freeze_embeddings
+            freeze_embeddings(self.model)
         if variant.startswith("capsparse"):
             sparsify(self.model, block_size=32 if "block" in variant else None)
-            self.pruner, psrc = make_pruner(self.model, block_score_mode, self.notes)
+            self.pruner, psrc = make_pruner(self.model, block_score_mode)
             self.pruner.update(density)
-            self.banks, bsrc = make_banks(n_examples, self.model.config.hidden_size, self.labels_all, self.notes)
+            self.banks, bsrc = make_banks(n_examples, self.model.config.hidden_size, self.labels_all)
             extra_params = self.pruner.score_parameters()
             self.components = f"{psrc}; {bsrc}; capsparse.ops.cap_contrastive_loss; cached teacher logits"
             self.density = density
@@ -323,7 +252,8 @@ class Step:
             self.components = "HF model, CE only"
         else:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-        params = [p for n, p in self.model.named_parameters() if "mask_scores" not in n and "movement_scores" not in n]
+        params = [p for n, p in self.model.named_parameters()
+                  if p.requires_grad and "mask_scores" not in n and "movement_scores" not in n]
         scores = [p for n, p in self.model.named_parameters() if "mask_scores" in n] + list(extra_params)
         groups = [{"params": params, "lr": 3e-5}]
         if scores:
