@@ -91,11 +91,14 @@ def backend_availability() -> Dict[str, str]:
 
 
 def _capsparse_path() -> str:
+    """Which capsparse ran, without this machine's paths (results are committed): this checkout or an install."""
     try:
         import capsparse
-        return str(Path(capsparse.__file__).parent)
+        here = Path(capsparse.__file__).resolve().parent
     except Exception as exc:  # noqa: BLE001
         return f"not importable: {exc}"
+    repo = Path(__file__).resolve().parents[1]
+    return "<repo>/capsparse (this checkout)" if here == repo / "capsparse" else "installed package (not this checkout)"
 
 
 def environment(device: str = "cpu") -> dict:
