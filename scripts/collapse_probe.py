@@ -38,10 +38,11 @@ def input_share(x) -> float:
 def probe_model(path: str, sentences, labels, max_length: int) -> dict:
     import torch
 
-    from capsparse.export import _encoder_layers, load_any
+    from capsparse.export import load_any
+    from capsparse.sparsity import encoder_layers
 
     model, tok = load_any(path)
-    layers = _encoder_layers(model)
+    layers = encoder_layers(model)
     if not layers:
         raise SystemExit(f"{path}: no BERT-style encoder layers found (expected model.base_model.encoder.layer)")
     captured = {}
