@@ -202,13 +202,13 @@ def test_bench_all_delegates_to_run_all(tmp_path, monkeypatch):
     assert seen and "--quick" in seen[0]
 
 
-def test_every_suite_has_main_with_quick_and_output_dir():
+def test_every_suite_has_main_with_quick_and_output_dir(tmp_path):
     for name in ("kernels", "contrastive", "train_step", "inference", "banks", "all", "headline"):
         source = (BENCH / f"bench_{name}.py").read_text()
         assert "def main(argv=None)" in source
     H = load("_harness")
-    args = H.base_parser("x").parse_args(["--quick", "--output-dir", "/tmp/x"])
-    assert args.quick and str(args.output_dir) == "/tmp/x" and args.threads == 2
+    args = H.base_parser("x").parse_args(["--quick", "--output-dir", str(tmp_path / "x")])
+    assert args.quick and str(args.output_dir) == str(tmp_path / "x") and args.threads == 2
 
 
 def test_headline_quick_every_section(tmp_path):
