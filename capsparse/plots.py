@@ -12,9 +12,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-SPARSITY_KEYS = ("sparsity", "train_sparsity", "sparsity/global", "target_sparsity", "sparsity_target", "threshold")
-
-
 def _plt():
     import matplotlib
 
@@ -111,7 +108,7 @@ def plot_sparsity(log_history: Sequence[dict], path: PathLike, target: Optional[
     keys = []
     for entry in log_history:
         for k in entry:
-            if k not in keys and ("sparsity" in k or k == "threshold") and not k.startswith("eval_"):
+            if k not in keys and "sparsity" in k and not k.startswith("eval_"):
                 keys.append(k)
     for i, key in enumerate(keys):
         xs, ys = _series(log_history, key)

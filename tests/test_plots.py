@@ -25,7 +25,7 @@ def drawn(monkeypatch):
 
 def _history():
     # two loss curves and two sparsity curves with identical values
-    return [{"step": s, "loss": 1.0 / s, "ce": 1.0 / s, "sparsity": 0.1 * s, "threshold": 0.1 * s}
+    return [{"step": s, "loss": 1.0 / s, "ce": 1.0 / s, "sparsity": 0.1 * s, "target_sparsity": 0.1 * s}
             for s in range(1, 6)]
 
 
