@@ -1,15 +1,19 @@
 """score_criterion="saliency": the PLATON-style EMA of |dL/dW' * W| times its uncertainty, against a plain loop."""
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from _tiny import tiny_args, tiny_bert, tiny_cap_config, tiny_dataset
+from capsparse import from_pretrained
 from capsparse.cap.config import CAPConfig
 from capsparse.cap.trainer import CAPTrainer
 from capsparse.layout import kept_count_for_density, topk_mask
 from capsparse.nn import SparseLinear
 from capsparse.pruning import SCORE_ATTR, MovementPruner
+from capsparse.pruning.pruners import SALIENCY_BUFFERS
 from capsparse.pruning.score_grad import score_grad_reference
+from capsparse.surgery import sparse_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -95,3 +99,11 @@ def test_training_with_saliency_reaches_target_without_training_scores(tmp_path,
     assert trainer.sparsity_report()["global"] == pytest.approx(0.5, abs=1e-6)
     source = layer.mask if block is None else layer.block_mask
     assert torch.equal(source, topk_mask(layer.saliency_mean * layer.saliency_uncertainty, 0.5))
+    # save_model leaves the training-only saliency statistics out, as the movement scores: the directory loads back
+    trainer.save_model(str(tmp_path / "hf"))
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if k.endswith(SALIENCY_BUFFERS)]
+    assert hasattr(layer, "saliency_mean")  # and they stay on the model (training may go on)
+    loaded = from_pretrained(tmp_path / "hf", backend="reference")
+    for (_, a), (_, b) in zip(sparse_layers(trainer.model), sparse_layers(loaded)):
+        assert torch.equal(a.element_mask(), b.element_mask())

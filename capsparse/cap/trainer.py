@@ -25,7 +25,7 @@ from ..distributed import process_group, rank
 from ..guards import NanGuardCallback
 from ..pruning.embeddings import freeze_embeddings
 from ..pruning.method import PruningMethod, SoftMovementPruning, StructuredPruning, TopKPruning
-from ..pruning.pruners import SCORE_ATTR, build_pruner
+from ..pruning.pruners import SALIENCY_BUFFERS, SCORE_ATTR, build_pruner
 from ..pruning.structured import compact_model
 from ..resources import GracefulStopCallback
 from ..surgery import exact_state_dict, sparse_layers, sparsify
@@ -469,13 +469,14 @@ class CAPTrainer(transformers.Trainer):
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         """As ``Trainer.save_model``: a Hugging Face directory holding the pruned model (each SparseLinear's masked
         weight and its mask) that :func:`capsparse.from_pretrained` loads back as the same pruned model. The
-        training-only movement scores are left out (checkpoints keep them)."""
+        training-only movement scores and saliency statistics are left out (checkpoints keep them)."""
         if _internal_call:
             return super().save_model(output_dir, _internal_call)
         model = self.accelerator.unwrap_model(self.model)
         before = model._keys_to_ignore_on_save  # save_pretrained drops these keys (matched exactly)
-        model._keys_to_ignore_on_save = set(before or ()) | {n for n, _ in model.named_parameters()
-                                                             if n.endswith(SCORE_ATTR)}
+        training_only = (SCORE_ATTR, *SALIENCY_BUFFERS)
+        model._keys_to_ignore_on_save = set(before or ()) | {n for n in model.state_dict(keep_vars=True)
+                                                             if n.endswith(training_only)}
         try:
             return super().save_model(output_dir, _internal_call)
         finally:
