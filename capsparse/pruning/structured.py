@@ -32,24 +32,16 @@ def encoder_layers(model: nn.Module) -> List[nn.Module]:
     return layers
 
 
-def _head_hook(attn_output_module):
+def _unit_mask_hook(owner: nn.Module, mask_name: str, probe_name: str):
+    """Pre-hook of ``owner.dense``: its input times ``owner``'s unit mask (the importance probe while one is set),
+    each unit's entry repeated over its features (``d_h`` per head, one per FFN neuron)."""
     def hook(module, args):
-        mask = attn_output_module._cap_probe_head
+        mask = getattr(owner, probe_name)
         if mask is None:
-            mask = getattr(attn_output_module, HEAD_MASK)
+            mask = getattr(owner, mask_name)
         x = args[0]
-        d_h = x.shape[-1] // mask.shape[0]
-        return (x * mask.to(x.dtype).repeat_interleave(d_h),) + tuple(args[1:])
-    return hook
-
-
-def _neuron_hook(output_module):
-    def hook(module, args):
-        mask = output_module._cap_probe_neuron
-        if mask is None:
-            mask = getattr(output_module, NEURON_MASK)
-        x = args[0]
-        return (x * mask.to(x.dtype),) + tuple(args[1:])
+        per_unit = x.shape[-1] // mask.shape[0]
+        return (x * mask.to(x.dtype).repeat_interleave(per_unit),) + tuple(args[1:])
     return hook
 
 
@@ -71,8 +63,10 @@ class StructuredMasks:
                 ffn_out.register_buffer(NEURON_MASK, torch.ones(n_neurons, device=dev))
             attn_out._cap_probe_head = None
             ffn_out._cap_probe_neuron = None
-            self._handles.append(attn_out.dense.register_forward_pre_hook(_head_hook(attn_out)))
-            self._handles.append(ffn_out.dense.register_forward_pre_hook(_neuron_hook(ffn_out)))
+            self._handles.append(attn_out.dense.register_forward_pre_hook(
+                _unit_mask_hook(attn_out, HEAD_MASK, "_cap_probe_head")))
+            self._handles.append(ffn_out.dense.register_forward_pre_hook(
+                _unit_mask_hook(ffn_out, NEURON_MASK, "_cap_probe_neuron")))
 
     # -- masks ----------------------------------------------------------------------------------------
     def head_masks(self) -> torch.Tensor:
