@@ -63,7 +63,7 @@ def test_cuda_backend_reports_the_recorded_failure(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cuda.torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "capsparse._C_cuda", None)  # import fails as when it was never built
-    monkeypatch.setattr(cuda, "_ext", None)
+    monkeypatch.setattr(cuda._C, "module", None)
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(tmp_path / "e.txt", *a, **k)
                         if str(path).endswith("_C_cuda_build_error.txt") else real_open(path, *a, **k))

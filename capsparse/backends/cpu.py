@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..layout import bitmap_from_compressed, expand_bitmap
+from ._extension import LazyExtension
 from .reference import check_normalization
 
 _BUILD_HINT = "capsparse._C is not built; run `pip install -e . --no-build-isolation`"
@@ -42,16 +43,7 @@ DENSE_ABOVE = {
 }
 _DEFAULT_DENSE_ABOVE = 0.6
 
-_ext = None
-
-
-def _C():
-    """The compiled extension (imported on first use; torch must be imported first)."""
-    global _ext
-    if _ext is None:
-        from capsparse import _C as ext  # noqa: PLC0415  (lazy on purpose)
-        _ext = ext
-    return _ext
+_C = LazyExtension("capsparse._C")  # the compiled kernels, imported on first use (torch is imported above)
 
 
 def is_available() -> Tuple[bool, str]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from ._extension import LazyExtension
 from .reference import check_normalization
 
 #: False until tests/test_cuda_backend.py has passed on a real GPU (then record the GPU in docs/cuda.md).
@@ -36,16 +37,7 @@ SUPPORTED_BLOCKS = ((32, 32), (64, 64))
 _NO_DEVICE = "no CUDA device"
 _NOT_BUILT = "capsparse._C_cuda not built (needs a CUDA build of torch)"
 
-_ext = None
-
-
-def _C():
-    """The compiled extension, imported on first use."""
-    global _ext
-    if _ext is None:
-        from capsparse import _C_cuda as ext  # noqa: PLC0415  (lazy on purpose)
-        _ext = ext
-    return _ext
+_C = LazyExtension("capsparse._C_cuda")  # the compiled kernels, imported on first use
 
 
 def is_available() -> Tuple[bool, str]:
