@@ -73,11 +73,6 @@ def _sparse_modules(model: nn.Module) -> Dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
-def encoder_sparsity(model: nn.Module) -> Dict[str, Any]:
-    """:func:`capsparse.sparsity.sparsity_report` as a dict (``global``, ``kept``, ``total``, ``per_layer``)."""
-    return sparsity_report(model).as_dict()
-
-
 def _apply_structure(model: nn.Module, structure: list) -> None:
     """Shrink a freshly built model to the compacted per-layer widths (weights are loaded afterwards)."""
     layers = encoder_layers(model)

@@ -8,8 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from capsparse import densify, sparsify
-from capsparse.export import (META_FILE, WEIGHTS_FILE, encoder_sparsity, export_compressed, is_compressed_dir,
-                              load_compressed, size_report)
+from capsparse.export import META_FILE, WEIGHTS_FILE, export_compressed, is_compressed_dir, load_compressed, size_report
+from capsparse.sparsity import sparsity_report
 from capsparse.surgery import sparse_layers
 
 
@@ -58,7 +58,7 @@ def test_round_trip_same_logits(tmp_path, block_size):
     with torch.no_grad():
         out = loaded(**inputs()).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert encoder_sparsity(loaded)["global"] == pytest.approx(encoder_sparsity(model)["global"])
+    assert sparsity_report(loaded).sparsity == pytest.approx(sparsity_report(model).sparsity)
 
 
 def test_file_shrinks_with_sparsity(tmp_path):
@@ -161,8 +161,8 @@ def test_save_pretrained_round_trip(tmp_path, block_size):
     dense = copy.deepcopy(model)
     densify(dense)
     pruned_zeros = zeros(dense)  # the zeros the pruned model computes with
-    assert pruned_zeros > 0.6 * encoder_sparsity(model)["total"] and zeros(loaded) == pruned_zeros
-    assert encoder_sparsity(loaded)["global"] == pytest.approx(encoder_sparsity(model)["global"])
+    assert pruned_zeros > 0.6 * sparsity_report(model).total and zeros(loaded) == pruned_zeros
+    assert sparsity_report(loaded).sparsity == pytest.approx(sparsity_report(model).sparsity)
     # plain transformers reads the same directory as the same pruned model, computed densely
     plain = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert not sparse_layers(plain)
@@ -234,7 +234,7 @@ def test_load_any_rebuilds_a_save_pretrained_model(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     loaded, _ = load_any(tmp_path / "hf", num_labels=2, backend="reference")  # what eval / export / predict load
     assert len(sparse_layers(loaded)) == len(sparse_layers(model))
-    assert encoder_sparsity(loaded)["global"] == pytest.approx(encoder_sparsity(model)["global"])
+    assert sparsity_report(loaded).sparsity == pytest.approx(sparsity_report(model).sparsity)
     with pytest.raises(ValueError, match="num_labels=2"):
         load_any(tmp_path / "hf", num_labels=3)
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..sparsity import HEAD_MASK, NEURON_MASK, sparsity_report
+from ..sparsity import HEAD_MASK, NEURON_MASK
 from ..sparsity import encoder_layers as _encoder_layers
 
 
@@ -117,12 +117,6 @@ class StructuredMasks:
                 layer.attention.output._cap_probe_head = None
                 layer.output._cap_probe_neuron = None
         return imp_h, imp_n
-
-    # -- reporting --------------------------------------------------------------------------------------
-    def weight_sparsity(self) -> Tuple[float, dict]:
-        """Fraction of the six encoder linears' weights removed by the masks: global and per linear."""
-        report = sparsity_report(self.model)
-        return report.sparsity, report.per_layer
 
 
 def select_units(importance: torch.Tensor, active: torch.Tensor, n_prune_total: int, protect_per_layer: int = 0
