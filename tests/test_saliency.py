@@ -108,3 +108,38 @@ def test_training_with_saliency_reaches_target_without_training_scores(tmp_path,
     for (_, a), (_, b) in zip(sparse_layers(trainer.model), sparse_layers(loaded)):
         assert torch.equal(a.element_mask(), b.element_mask())
 
+
+
+def test_a_non_finite_step_leaves_the_saliency_statistics_alone():
+    layer = SparseLinear(16, 8)
+    torch.manual_seed(0)
+    pruner = MovementPruner(nn.Sequential(layer), score_criterion="saliency")
+    layer(torch.randn(32, 16)).square().sum().backward()
+    pruner.update(0.5)
+    before = [layer.saliency_mean.clone(), layer.saliency_uncertainty.clone()]
+    x = torch.randn(32, 16)
+    x[0, 0] = float("nan")  # one bad batch (the NaN guard skips its step; the EMA must skip it too)
+    layer(x).square().sum().backward()
+    pruner.update(0.5)
+    assert torch.equal(layer.saliency_mean, before[0]) and torch.equal(layer.saliency_uncertainty, before[1])
+    assert getattr(layer, SCORE_ATTR).grad is None
+    assert int(layer.mask.sum()) == kept_count_for_density(layer.mask.numel(), 0.5)
+
+
+def test_the_saliency_receptacle_follows_the_weight_to_its_device():
+    layer = SparseLinear(16, 8)
+    pruner = MovementPruner(nn.Sequential(layer), score_criterion="saliency")
+    setattr(layer, SCORE_ATTR, torch.zeros(8, 16, device="meta").requires_grad_(True))  # as after model.to(device)
+    layer(torch.randn(4, 16)).sum().backward()
+    receptacle = getattr(layer, SCORE_ATTR)
+    assert receptacle.device == layer.weight.device and receptacle.grad is not None
+    pruner.update(0.5)
+    assert layer.saliency_mean.sum() > 0
+
+
+def test_fp16_with_saliency_is_refused(tmp_path):
+    cfg = tiny_cap_config(score_criterion="saliency", banks=("fic",))
+    args = tiny_args(tmp_path, max_steps=1)
+    args.fp16 = True
+    with pytest.raises(ValueError, match="fp16=True with score_criterion='saliency'"):
+        CAPTrainer(tiny_bert(), args, cfg, tiny_dataset(8), teacher=tiny_bert(seed=1))

@@ -118,6 +118,9 @@ class CAPTrainer(transformers.Trainer):
             raise ValueError(f"load_best_model_at_end=True: CAPTrainer chooses among checkpoints at the target "
                              f"sparsity through Trainer._determine_best_metric, which transformers "
                              f"{transformers.__version__} lacks; set load_best_model_at_end=False")
+        if getattr(args, "fp16", False) and cap_config.score_criterion == "saliency":
+            raise ValueError("fp16=True with score_criterion='saliency': the gradient scaler never unscales the "
+                             "saliency statistics' gradients (they are not parameters); use bf16=True or fp32")
         if getattr(args, "fp16", False) and (args.use_cpu or not torch.cuda.is_available()):
             raise ValueError("fp16=True: float16 mixed precision needs a CUDA device (it trains through a gradient "
                              "scaler); on the CPU use bf16=True, or neither")

@@ -228,6 +228,10 @@ class _ScorePruner(Pruner):
         scores = getattr(layer, SCORE_ATTR, None)
         if scores is None or not torch.is_grad_enabled() or not scores.requires_grad:
             return output
+        if not isinstance(scores, nn.Parameter) and scores.device != layer.weight.device:
+            # a saliency receptacle is a plain attribute, so model.to(device) leaves it behind: follow the weight
+            scores = torch.zeros_like(scores, device=layer.weight.device).requires_grad_(True)
+            setattr(layer, SCORE_ATTR, scores)
         mode = self.block_score_mode if layer.block_size is not None else "exact"
         return MovementScoreFunction.apply(output, args[0], layer.weight, scores, layer, mode)
 
@@ -301,8 +305,14 @@ class MovementPruner(_ScorePruner):
             return
         from ..distributed import all_reduce_mean
 
+        grads = [all_reduce_mean(g) for g in grads]
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            # a step the NaN guard skips (or an fp16 overflow) must not poison the averages for good
+            for _, layer in self.layers:
+                getattr(layer, SCORE_ATTR).grad = None
+            return
         for (_, layer), g in zip(self.layers, grads):
-            g = all_reduce_mean(g).abs()
+            g = g.abs()
             layer.saliency_mean.mul_(b1).add_(g, alpha=1 - b1)
             layer.saliency_uncertainty.mul_(b2).add_((g - layer.saliency_mean).abs_(), alpha=1 - b2)
             getattr(layer, SCORE_ATTR).grad = None
