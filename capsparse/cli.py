@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned dense teacher for distillation (directory; a compressed export works too). "
                         "Without one, and with KD or the FiC bank on, a dense copy of --model is first fine-tuned "
                         "for teacher_epochs (--cap-option teacher_epochs=N) and used as the teacher")
+    p.add_argument("--prc-model", default=None,
+                   help="dense pre-trained model that encodes CAP's PrC bank (directory, hub name or 'default'). "
+                        "Default: the student before its first update, as the official code; when --model is the "
+                        "fine-tuned teacher, pass the pre-trained model here, else PrC repeats FiC")
     _option(p, "prune", "--method", "pruning criterion", choices=METHODS)
     p.add_argument("--cap", dest="cap", action="store_true", default=None,
                    help="add CAP's contrastive terms (PrC, SnC, FiC) to the loss (the default)")

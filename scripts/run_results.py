@@ -169,6 +169,8 @@ def cmd_run(a) -> int:
                "--max-steps", str(a.steps), "--learning-rate", str(a.lr), "--seed", str(seed)]
         for opt in a.cap_option or []:
             cmd += ["--cap-option", opt]
+        if a.prc_model and "--cap" in flags:
+            cmd += ["--prc-model", a.prc_model]
         if name in ("soft", "capsoft") and a.soft_lambda is not None:
             cmd += ["--cap-option", f"soft_lambda_final={a.soft_lambda}"]
         tasks.append((cmd, out / name / f"seed{seed}"))
@@ -350,6 +352,9 @@ def main(argv=None) -> int:
     r.add_argument("--teacher-seed", type=int, default=0, help="seed of the shared teacher")
     r.add_argument("--dense-seeds", action="store_true", help="also fine-tune a dense model per seed (dense mean±std)")
     r.add_argument("--cap-option", action="append", default=None, help="extra --cap-option for every pruning run")
+    r.add_argument("--prc-model", default=None,
+                   help="--prc-model for the CAP runs (e.g. 'default', the pre-trained model, when the students start "
+                        "from the teacher; without it their PrC bank repeats FiC)")
     r.add_argument("--soft-lambda", type=float, default=None, help="soft_lambda_final for the soft-movement runs")
     r.add_argument("--threads", type=int, default=2, help="torch threads per run")
     r.add_argument("--student-init", choices=("teacher", "pretrained"), default="teacher",

@@ -81,6 +81,9 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
     tasks.check_labels_before_loading("--model", o["model"], t)
     if o["teacher"]:
         tasks.check_labels_before_loading("--teacher", o["teacher"], t)
+    if o["prc_model"] and "prc" not in cap_config.active_banks:
+        raise OptionError(f"--prc-model: got {o['prc_model']!r}, but the PrC bank is off (--no-cap or banks="
+                          f"{list(cap_config.banks)}); expected no --prc-model, or CAP with the 'prc' bank")
     label = method_label(cap_config)
     plan_run(o, "prune", t.name, label=label)
     raw = tasks.load_raw(t, o)  # missing or bad data fails before any model is loaded
@@ -88,6 +91,7 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
     seed_everything(o["seed"])
     model, tokenizer = tasks.load_model(t, o["model"])
     teacher = tasks.load_teacher(o["teacher"], t) if o["teacher"] else None
+    prc_model = tasks.load_model(t, o["prc_model"], flag="--prc-model")[0] if o["prc_model"] else None
     run = open_run(o, "prune", cap_config=cap_config.to_dict())  # only now: bad models leave no run directory
     if teacher is None and (cap_config.w_kd > 0 or "fic" in cap_config.active_banks):
         log.warning("no --teacher: CAPTrainer first fine-tunes a dense copy for teacher_epochs=%g epochs (set "
@@ -104,6 +108,7 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
              o["max_length"], o["teacher"])
     trainer = CAPTrainer(model=model, args=args, cap_config=cap_config, train_dataset=train_set,
                          eval_dataset=dev if o["eval_during_training"] else None, teacher=teacher,
+                         prc_model=prc_model,
                          processing_class=tokenizer, data_collator=make_collator(tokenizer),
                          compute_metrics=None if is_squad_task(t) else make_compute_metrics(t.name),
                          callbacks=run_callbacks(checkpoints=False))  # CAPTrainer adds the manifest writer itself

@@ -43,7 +43,7 @@ DEFAULTS: Dict[str, Any] = dict(
     max_train_examples=None, max_eval_examples=None, epochs=3.0, max_steps=None, learning_rate=None,
     weight_decay=None, warmup_ratio=None, logging_steps=None, eval_during_training=False, group_by_length=False,
     seed=42, output_dir=None, threads=None, save_steps=None, resume=False, overwrite=False,
-    teacher=None, method=None, cap=None, sparsity=None, block_size=None, recipe=None,
+    teacher=None, prc_model=None, method=None, cap=None, sparsity=None, block_size=None, recipe=None,
     cap_options=None, cap_option=None, split="validation", fp16=False,
     squad_dir=None, squad_train_file=None, squad_dev_file=None, doc_stride=128, max_query_length=64,
 )
@@ -326,6 +326,7 @@ def validate(o: Dict[str, Any], command: Optional[str]) -> None:
         check_model_arg("model", get("model"))
     if command == "prune":
         check_model_arg("teacher", get("teacher"))
+        check_model_arg("prc_model", get("prc_model"))
     if command in ("eval", "predict", "export"):
         check_model_arg("model", get("model"), required=True)
     if command == "eval":

@@ -91,6 +91,10 @@ class CAPTrainer(transformers.Trainer):
         eval_dataset, processing_class, data_collator, compute_metrics, callbacks: as ``Trainer``.
         teacher: the dense fine-tuned teacher (KD and FiC). ``None``: a copy of ``model`` is fine-tuned first
             for ``cap_config.teacher_epochs`` epochs (only when KD or FiC is on).
+        prc_model: the dense pre-trained model that encodes the PrC bank. ``None`` (the official code): the
+            student before its first update, which is the pre-trained model when the student starts from it; a
+            student that starts from the fine-tuned teacher needs the pre-trained model here, else PrC is a
+            second copy of FiC.
 
     Wiring: what differs between tasks is the task head's (``self.head``, :mod:`capsparse.cap.heads`), what
     prunes and when is the pruning method's (``self.pruning``, :mod:`capsparse.pruning.method`); the trainer
@@ -108,7 +112,7 @@ class CAPTrainer(transformers.Trainer):
     """
 
     def __init__(self, model, args, cap_config: CAPConfig, train_dataset, eval_dataset=None, teacher=None,
-                 processing_class=None, data_collator=None, compute_metrics=None, callbacks=None):
+                 processing_class=None, data_collator=None, compute_metrics=None, callbacks=None, prc_model=None):
         if not isinstance(cap_config, CAPConfig):
             raise TypeError(f"cap_config: expected a capsparse.cap.CAPConfig, got {type(cap_config).__name__}")
         if train_dataset is None:
@@ -133,6 +137,15 @@ class CAPTrainer(transformers.Trainer):
         if teacher is not None:
             check_teacher(teacher, model)
         self.teacher = teacher
+        if prc_model is not None:
+            if "prc" not in cfg.active_banks:
+                raise ValueError(f"prc_model: given, but the PrC bank is off (banks={cfg.banks}, use_cap="
+                                 f"{cfg.use_cap}); expected no prc_model, or 'prc' among the active banks")
+            got, want = getattr(prc_model.config, "hidden_size", None), model.config.hidden_size
+            if got != want:
+                raise ValueError(f"prc_model: expected hidden_size={want} (the student's), got {got}")
+            prc_model.eval().requires_grad_(False)
+        self.prc_model = prc_model
         self._dense_copy = copy.deepcopy(model) if (teacher is None and self.needs_teacher) else None
 
         self.pruning = pruning_method(cfg, model, self)  # what prunes, and when
@@ -337,8 +350,18 @@ class CAPTrainer(transformers.Trainer):
             self._encode_student("prc", train_mode=False, seed=self.args.seed)
 
     def _encode_student(self, name, train_mode, seed):
-        ids, reps, _ = encode_pass(self.model, self._encode_loader(), self._encode_fn(self.tap, False),
-                                   train_mode=train_mode, seed=seed, n_examples=self.n_examples)
+        if name == "prc" and self.prc_model is not None:
+            # the given pre-trained model instead of the student: a student that starts from the fine-tuned
+            # teacher would otherwise make PrC a second copy of FiC
+            tap = RepresentationTap(self.prc_model.to(self.args.device))
+            try:
+                ids, reps, _ = encode_pass(self.prc_model, self._encode_loader(), self._encode_fn(tap, False),
+                                           train_mode=False, seed=seed, n_examples=self.n_examples)
+            finally:
+                tap.remove()
+        else:
+            ids, reps, _ = encode_pass(self.model, self._encode_loader(), self._encode_fn(self.tap, False),
+                                       train_mode=train_mode, seed=seed, n_examples=self.n_examples)
         bank = self.banks[name]
         bank.write(bank.new_slot(), ids, reps)
 
