@@ -19,7 +19,7 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16:
 def _needs_extension():
     ok, reason = cb.is_available()
     if not ok:
-        pytest.skip(reason)
+        pytest.skip(f"CUDA extension unavailable: {reason}")
 
 
 # ---------------------------------------------------------------------------- helpers

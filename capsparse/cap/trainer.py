@@ -350,18 +350,18 @@ class CAPTrainer(transformers.Trainer):
             self._encode_student("prc", train_mode=False, seed=self.args.seed)
 
     def _encode_student(self, name, train_mode, seed):
+        model, tap = self.model, self.tap
         if name == "prc" and self.prc_model is not None:
             # the given pre-trained model instead of the student: a student that starts from the fine-tuned
             # teacher would otherwise make PrC a second copy of FiC
-            tap = RepresentationTap(self.prc_model.to(self.args.device))
-            try:
-                ids, reps, _ = encode_pass(self.prc_model, self._encode_loader(), self._encode_fn(tap, False),
-                                           train_mode=False, seed=seed, n_examples=self.n_examples)
-            finally:
-                tap.remove()
-        else:
-            ids, reps, _ = encode_pass(self.model, self._encode_loader(), self._encode_fn(self.tap, False),
+            model, train_mode = self.prc_model.to(self.args.device), False
+            tap = RepresentationTap(model)
+        try:
+            ids, reps, _ = encode_pass(model, self._encode_loader(), self._encode_fn(tap, False),
                                        train_mode=train_mode, seed=seed, n_examples=self.n_examples)
+        finally:
+            if tap is not self.tap:
+                tap.remove()
         bank = self.banks[name]
         bank.write(bank.new_slot(), ids, reps)
 
