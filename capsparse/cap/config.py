@@ -10,6 +10,7 @@ from ..layout import check_sparsity, normalize_block_size
 from ..ops.contrastive import NORMALIZATIONS
 from ..pruning.pruners import BLOCK_SCORE_MODES, SCORE_CRITERIA, SCORE_INIT_MODES
 from ..pruning.schedule import SCHEDULE_UNITS
+from .score_objective import SCORE_OBJECTIVES
 
 METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
 REPRESENTATIONS = ("pooler", "cls", "mean")
@@ -41,6 +42,9 @@ class CAPConfig:
             by the score optimizer, official movement pruning) or "saliency" (not learned: an EMA of
             ``|dL/dW' * W|`` times its uncertainty, as PLATON, with ``saliency_betas``; ``score_init*`` and
             ``score_lr`` are then unused).
+        score_objective: what the movement scores learn from: "full" (default; the whole objective, official) or
+            "task" (CE + KD + L1 only: the contrastive terms train the weights but not the scores; one extra
+            backward per step).
         freeze_embeddings: keep the embedding layer fixed while pruning; ``None`` (default): on for the
             unstructured and block methods (as the official unstructured code), off for "first-order".
         soft_lambda_final, soft_final_threshold, soft_min_keep: CAP-soft's L1 weight at the end, sigmoid threshold
@@ -83,6 +87,7 @@ class CAPConfig:
     score_init_scale: float = 1.0
     score_criterion: str = "learned"
     saliency_betas: Tuple[float, float] = (0.85, 0.95)
+    score_objective: str = "full"
     freeze_embeddings: Optional[bool] = None
     soft_lambda_final: float = 190.0
     soft_final_threshold: float = 0.1
@@ -138,6 +143,12 @@ class CAPConfig:
         choice("block_score_mode", BLOCK_SCORE_MODES)
         choice("score_init_mode", SCORE_INIT_MODES)
         choice("score_criterion", SCORE_CRITERIA)
+        choice("score_objective", SCORE_OBJECTIVES)
+        if self.score_objective == "task" and (self.method in ("magnitude", "first-order") or not self.use_cap):
+            raise ValueError(f"score_objective: 'task' keeps the contrastive terms' gradient out of movement scores, "
+                             f"but method={self.method!r} with use_cap={self.use_cap} has "
+                             f"{'no contrastive terms' if not self.use_cap else 'no movement scores'}; expected "
+                             f"'full' here")
         if self.score_criterion == "saliency" and self.method not in ("movement", "block-movement"):
             raise ValueError(f"score_criterion: 'saliency' ranks the units of 'movement' and 'block-movement', got "
                              f"method {self.method!r} (soft movement needs learned scores for its sigmoid threshold)")

@@ -16,7 +16,7 @@ with the batch (the official code pads every feature to 384 and includes the pad
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,8 +140,10 @@ def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch
                   query: Optional[torch.Tensor], banks=None, teacher_logits: Optional[torch.Tensor] = None,
                   contrastive_labels: Optional[torch.Tensor] = None, regularization: Optional[torch.Tensor] = None,
                   reg_lambda: float = 0.0, use_contrastive: bool = True, attention_mask: Optional[torch.Tensor] = None,
-                  head=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                  head=None, split: bool = False):
     """``(total, components)``; components are detached scalars (ce, kd, <bank>_u, <bank>_s, l1).
+    ``split=True``: ``(total, components, task, contrastive)``, ``total`` split into its task terms (CE, KD, L1)
+    and its contrastive terms (``None`` when there are none), both in the graph, for routing their gradients.
 
     ``head``: the task head (:mod:`capsparse.cap.heads`) whose ``task_loss`` and ``kd_loss`` (given
     ``attention_mask``) apply; ``None``: classification (CE, ``T^2 * KL``). ``contrastive_labels=None``:
@@ -150,6 +152,7 @@ def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch
     ce = head.task_loss(logits, labels) if head is not None else classification_loss(logits, labels)
     total = config.w_ce * ce
     parts["ce"] = ce.detach()
+    contrastive = None
     if teacher_logits is not None and config.w_kd > 0:
         if head is not None:
             kd = head.kd_loss(logits, teacher_logits, config.kd_temperature, attention_mask)
@@ -167,12 +170,16 @@ def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch
                 contrastive_labels.to(query.device) if supervised else None,
                 key_labels if supervised else None,
                 temperature=config.temperature, normalization=config.normalization, exclude_index=exclude)
-            total = total + config.w_u * loss_u
+            term = config.w_u * loss_u
             parts[f"{name}_u"] = loss_u.detach()
             if loss_s is not None:
-                total = total + config.w_s * loss_s
+                term = term + config.w_s * loss_s
                 parts[f"{name}_s"] = loss_s.detach()
+            contrastive = term if contrastive is None else contrastive + term
     if regularization is not None and reg_lambda > 0:
         total = total + reg_lambda * regularization
         parts["l1"] = regularization.detach()
-    return total, parts
+    task = total
+    if contrastive is not None:
+        total = total + contrastive
+    return (total, parts, task, contrastive) if split else (total, parts)

@@ -33,6 +33,7 @@ from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
 from .heads import check_teacher, is_qa_model, task_head  # noqa: F401  (is_qa_model: re-exported)
 from .losses import RepresentationTap, cap_objective
+from .score_objective import TaskScoreGradients
 
 CAP_STATE_NAME = "cap_state.pt"
 
@@ -169,6 +170,7 @@ class CAPTrainer(transformers.Trainer):
         self._restored = False
         self._steps_per_epoch = None
         self._parts_sum, self._parts_n = {}, 0
+        self._task_score_grads = TaskScoreGradients()  # score_objective="task"
         self.last_sparsity_report = None
 
     # -- the pruning method's parts, by their former names ------------------------------------------------
@@ -249,19 +251,23 @@ class CAPTrainer(transformers.Trainer):
         return cap_objective(cfg, logits, labels, ids, query, banks=self.banks if query is not None else None,
                              teacher_logits=teacher_logits, contrastive_labels=self.head.contrastive_labels(labels),
                              regularization=reg, reg_lambda=self.pruning.reg_lambda(self.state.global_step),
-                             use_contrastive=use_contrastive, attention_mask=attention_mask, head=self.head)
+                             use_contrastive=use_contrastive, attention_mask=attention_mask, head=self.head,
+                             split=True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs, labels, ids = self.head.split(inputs)
         if labels is None:
             raise ValueError(self.head.missing_labels)
         self.tap.clear()
+        self._task_score_grads.disarm()
         outputs = model(**inputs)
         logits = self.head.logits(outputs)
         if not model.training or ids is None:  # evaluation: the task loss only
             loss = self.head.task_loss(logits, labels)
         else:
-            loss, parts = self._objective(logits, labels, ids, inputs.get("attention_mask"))
+            loss, parts, task, contrastive = self._objective(logits, labels, ids, inputs.get("attention_mask"))
+            if self.cap_config.score_objective == "task" and contrastive is not None and torch.is_grad_enabled():
+                self._task_score_grads.arm(loss, task, self.pruning.score_tensors())
             for k, v in parts.items():
                 self._parts_sum[k] = self._parts_sum.get(k, 0.0) + v
             self._parts_n += 1
@@ -383,8 +389,8 @@ class CAPTrainer(transformers.Trainer):
             batch, labels, ids = self.head.split(batch)
             self.tap.clear()
             out = self.model(**batch)
-            loss, _ = self._objective(self.head.logits(out), labels, ids, batch.get("attention_mask"),
-                                      use_contrastive=stage > 0)
+            loss, *_ = self._objective(self.head.logits(out), labels, ids, batch.get("attention_mask"),
+                                       use_contrastive=stage > 0)
             return loss
         return loss_fn, self._encode_loader(limit=cfg.importance_batches, batch_size=self.importance_batch_size)
 

@@ -67,6 +67,10 @@ class PruningMethod:
     def score_parameters(self) -> List[nn.Parameter]:
         return []
 
+    def score_tensors(self) -> List[torch.Tensor]:
+        """The tensors the last forward's score gradients reach (learned scores or saliency receptacles)."""
+        return []
+
     def regularization(self) -> Optional[torch.Tensor]:
         return None
 
@@ -133,6 +137,9 @@ class ScheduledPruning(PruningMethod):
 
     def score_parameters(self):
         return self.pruner.score_parameters()
+
+    def score_tensors(self):
+        return self.pruner.score_tensors()
 
     def regularization(self):
         return self.pruner.regularization()

@@ -82,6 +82,10 @@ class Pruner:
     def score_parameters(self) -> List[nn.Parameter]:
         return []
 
+    def score_tensors(self) -> List[torch.Tensor]:
+        """What receives the score gradients (learned scores, saliency receptacles); none for magnitude."""
+        return []
+
     def regularization(self) -> Optional[torch.Tensor]:
         return None
 
@@ -236,6 +240,9 @@ class _ScorePruner(Pruner):
         return MovementScoreFunction.apply(output, args[0], layer.weight, scores, layer, mode)
 
     def score_parameters(self) -> List[nn.Parameter]:
+        return [getattr(layer, SCORE_ATTR) for _, layer in self.layers]
+
+    def score_tensors(self) -> List[torch.Tensor]:
         return [getattr(layer, SCORE_ATTR) for _, layer in self.layers]
 
     def scores(self) -> Dict[str, torch.Tensor]:
