@@ -85,6 +85,17 @@ def test_saliency_options_are_checked():
     assert cfg.saliency_betas == (0.5, 0.6)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(score_criterion="saliency", score_lr=0.1), "score_lr: set to 0.1, but score_criterion='saliency'"),
+    (dict(score_criterion="saliency", score_init_scale=2.0), "score_init_scale: set to 2.0"),
+    (dict(saliency_betas=(0.5, 0.6)), "saliency_betas: set to .*score_criterion='learned'"),
+    (dict(method="magnitude", score_init_mode="constant"), "score_init_mode: .*'magnitude' has no movement scores"),
+])
+def test_config_refuses_score_knobs_nothing_reads(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CAPConfig(**kwargs)
+
+
 @pytest.mark.parametrize("method,block", [("movement", None), ("block-movement", 16)])
 def test_training_with_saliency_reaches_target_without_training_scores(tmp_path, method, block):
     cfg = tiny_cap_config(method=method, block_size=block, score_criterion="saliency", target_sparsity=0.5,

@@ -41,7 +41,8 @@ class CAPConfig:
         score_criterion: what ranks the units of "movement" / "block-movement": "learned" (default; scores trained
             by the score optimizer, official movement pruning) or "saliency" (not learned: an EMA of
             ``|dL/dW' * W|`` times its uncertainty, as PLATON, with ``saliency_betas``; ``score_init*`` and
-            ``score_lr`` are then unused).
+            ``score_lr`` are then unused, and changing them from their defaults is an error, as is changing
+            ``saliency_betas`` with learned scores or any score knob with magnitude / first-order).
         score_objective: what the movement scores learn from: "full" (default; the whole objective, official) or
             "task" (CE + KD + L1 only: the contrastive terms train the weights but not the scores; one extra
             backward per step).
@@ -158,6 +159,7 @@ class CAPConfig:
         self.saliency_betas = tuple(float(b) for b in betas)
         if not (isinstance(self.score_init_scale, (int, float)) and self.score_init_scale > 0):
             raise ValueError(f"score_init_scale: expected a number > 0, got {self.score_init_scale!r}")
+        self._refuse_unused_score_knobs()
         if self.freeze_embeddings not in (None, True, False):
             raise ValueError(f"freeze_embeddings: expected None, True or False, got {self.freeze_embeddings!r}")
         if self.importance_batch_size is not None and (not isinstance(self.importance_batch_size, int)
@@ -193,6 +195,21 @@ class CAPConfig:
             raise ValueError(f"regression_bins: expected None or an int >= 2, got {self.regression_bins!r}")
         if not 0 < self.soft_final_threshold < 1:
             raise ValueError(f"soft_final_threshold: expected a number in (0, 1), got {self.soft_final_threshold!r}")
+
+    def _refuse_unused_score_knobs(self) -> None:
+        """A score knob changed from its default where nothing reads it is an error, not silently ignored."""
+        learned = ("score_lr", "score_init_mode", "score_init", "score_init_scale")
+        if self.method in ("magnitude", "first-order"):
+            unused, why = learned + ("saliency_betas",), f"method {self.method!r} has no movement scores"
+        elif self.score_criterion == "saliency":
+            unused, why = learned, "score_criterion='saliency' does not learn its scores"
+        else:
+            unused, why = ("saliency_betas",), "score_criterion='learned' keeps no saliency averages"
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in unused:
+            if getattr(self, name) != defaults[name]:
+                raise ValueError(f"{name}: set to {getattr(self, name)!r}, but {why}; expected the default "
+                                 f"{defaults[name]!r}")
 
     # -- derived -----------------------------------------------------------------------------------------
     @property
