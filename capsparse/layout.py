@@ -298,6 +298,9 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     if keep >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
     flat = scores.reshape(-1)
+    nans = int(torch.isnan(flat).sum()) if flat.is_floating_point() else 0
+    if nans:  # kthvalue would return NaN and every comparison below False: an empty mask, silently
+        raise ValueError(f"scores: expected no NaN entries, got {nans} of {numel}")
     threshold = torch.kthvalue(flat.float(), numel - keep + 1).values
     above = flat > threshold
     ties = flat == threshold

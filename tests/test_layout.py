@@ -113,6 +113,13 @@ def test_topk_mask_keeps_exact_count_even_with_ties(density):
         assert scores[mask].min() >= scores[~mask].max()
 
 
+def test_topk_mask_refuses_nan_scores():
+    scores = torch.randn(8, 8)
+    scores[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="scores: expected no NaN entries, got 1 of 64"):
+        topk_mask(scores, 0.5)
+
+
 @pytest.mark.parametrize("bad, exc, words", [
     (24, ValueError, "block_size"), ((32,), TypeError, "block_size"), ("32", TypeError, "block_size"),
     ((32, 48), ValueError, "block_size"), (True, TypeError, "block_size"),
