@@ -51,7 +51,7 @@ constexpr int NV = NR / VW;
 
 // mode 0: start from zero; 1: accumulate into C; 2: start from the 16-vector `init` (bias).
 template <int MR>
-static void ukr(int64_t nb, const int32_t* __restrict idx, int64_t L, const float* __restrict A, int64_t a_blk,
+static inline __attribute__((always_inline)) void ukr(int64_t nb, const int32_t* __restrict idx, int64_t L, const float* __restrict A, int64_t a_blk,
                 int64_t lda, int64_t a_row, const float* __restrict B, int64_t b_blk, int64_t ldb, float* __restrict C,
                 int64_t ldc, int mode, const float* __restrict init) {
   vf acc[MR][NV];
