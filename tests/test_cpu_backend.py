@@ -467,3 +467,45 @@ def test_configure_allocator_rejects_bad_values_and_records_what_it_applied():
     x = torch.ones(4096, 3072)  # a freed large block is reused from the heap; results are unaffected
     del x
     assert torch.zeros(4096, 3072).sum() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# bias gradient (bsl_grad_bias: grad_y summed over tokens)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("t,n", [(0, 24), (1, 7), (37, 24), (300, 1000), (4100, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bsl_grad_bias_matches_sum(t, n, dtype):
+    gen = torch.Generator().manual_seed(t + n)
+    gy = torch.randn(t, n, generator=gen, dtype=dtype)
+    got = cpu.bsl_grad_bias(gy)
+    ref64 = gy.double().sum(0)
+    assert got.dtype == dtype and got.shape == (n,)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, ref64, rtol=0, atol=1e-12 * max(t, 1))
+    else:
+        tol_check(got, ref64, gy.sum(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bsl_grad_bias_low_precision(dtype):
+    gen = torch.Generator().manual_seed(3)
+    gy = torch.randn(200, 48, generator=gen).to(dtype)
+    got = cpu.bsl_grad_bias(gy)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, gy.float().sum(0).to(dtype))  # within one rounding of the fp32 sum
+
+
+def test_bsl_grad_bias_thread_count_independent(threads):
+    gen = torch.Generator().manual_seed(5)
+    gy = torch.randn(3000, 1000, generator=gen)  # above the one-thread cutoff, ragged column split
+    per_threads = []
+    for nt in (1, 2, 3):
+        torch.set_num_threads(nt)
+        per_threads.append(cpu.bsl_grad_bias(gy))
+    for other in per_threads[1:]:
+        assert torch.equal(per_threads[0], other)
+
+
+def test_bsl_grad_bias_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="grad_y must be 2-D"):
+        cpu.bsl_grad_bias(torch.randn(4, 3, 2))

@@ -125,6 +125,8 @@ def test_custom_ops_pass_opcheck():
                           (gy, w, layout.col_ptr, layout.col_rows, 16, 16, "reference", 0.5))
     torch.library.opcheck(ops.bsl_grad_weight.default,
                           (gy, x, layout.block_rows, layout.block_cols, layout.nnz, 16, 16, "reference", -1.0))
+    for backend in ("reference", "cpu"):  # the cpu backend has its own kernel, the others fall back to sum(0)
+        torch.library.opcheck(ops.bsl_grad_bias.default, (gy, backend))
     torch.library.opcheck(ops.masked_linear_forward.default, (x, w, b, "reference"))
 
 

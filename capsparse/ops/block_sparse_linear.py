@@ -1,8 +1,8 @@
 """Block-sparse linear: ``y = x (W * expand(bitmap))^T + b`` with forward, dX and dW on kept blocks.
 
 Chain: backend primitive (``capsparse.backends.<name>.bsl_*``) -> ``torch.library`` custom ops
-``capsparse::bsl_forward / bsl_grad_input / bsl_grad_weight / bsl_grad_weight_blocks`` (with fake implementations, so
-``torch.compile`` traces them) -> :class:`BlockSparseLinearFunction` -> :func:`block_sparse_linear`.
+``capsparse::bsl_forward / bsl_grad_input / bsl_grad_weight / bsl_grad_weight_blocks / bsl_grad_bias`` (with fake
+implementations, so ``torch.compile`` traces them) -> :class:`BlockSparseLinearFunction` -> :func:`block_sparse_linear`.
 :func:`block_sparse_linear_reference` is the plain PyTorch oracle.
 
 ``density`` is an optional host-side hint (kept fraction, e.g. the pruning schedule's target) that
@@ -79,6 +79,19 @@ def _bsl_grad_weight_blocks(grad_y: torch.Tensor, x: torch.Tensor, block_rows: t
     rows, cols = block_rows[:int(nnz)].to(torch.int64), block_cols[:int(nnz)].to(torch.int64)
     return _call(backend, "bsl_grad_weight", args, density).reshape(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)[
         rows, cols].contiguous()
+
+
+@torch.library.custom_op("capsparse::bsl_grad_bias", mutates_args=())
+def _bsl_grad_bias(grad_y: torch.Tensor, backend: str) -> torch.Tensor:
+    module = get_backend(backend)
+    if hasattr(module, "bsl_grad_bias"):
+        return module.bsl_grad_bias(grad_y)
+    return grad_y.sum(0)
+
+
+@_bsl_grad_bias.register_fake
+def _(grad_y, backend):
+    return grad_y.new_empty(grad_y.shape[1])
 
 
 @_bsl_grad_weight_blocks.register_fake
@@ -183,7 +196,7 @@ class BlockSparseLinearFunction(torch.autograd.Function):
                 grad_w = _bsl_grad_weight(grad_y, x2d, layout.block_rows, layout.block_cols, layout.nnz, bm, bk,
                                           backend, density)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_y.sum(0)
+            grad_b = _bsl_grad_bias(grad_y, backend)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 

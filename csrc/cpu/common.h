@@ -14,6 +14,7 @@ at::Tensor bsl_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, co
                           const std::optional<at::Tensor>& out);
 at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& block_rows,
                            const at::Tensor& block_cols, int64_t nnz, int64_t bm, int64_t bk, bool compact);
+at::Tensor bsl_grad_bias(const at::Tensor& grad_y);
 std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::Tensor>> cap_contrastive(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& query_ids, const at::Tensor& key_ids,
     const std::optional<at::Tensor>& query_labels, const std::optional<at::Tensor>& key_labels,

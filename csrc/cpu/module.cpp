@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "block-sparse linear dW on kept blocks: dense [N, K] (zeros elsewhere) or compact [nnz, bm, bk]",
         py::arg("grad_y"), py::arg("x"), py::arg("block_rows"), py::arg("block_cols"), py::arg("nnz"),
         py::arg("bm"), py::arg("bk"), py::arg("compact") = false);
+  m.def("bsl_grad_bias", &capsparse::bsl_grad_bias, "block-sparse linear db: grad_y summed over tokens",
+        py::arg("grad_y"));
   m.def("csr_linear", &capsparse::csr_linear, "element-sparse (CSR) linear forward, inference",
         py::arg("x"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"), py::arg("bias"),
         py::arg("in_features"));
