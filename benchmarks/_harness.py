@@ -303,6 +303,15 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _portable(path: Path) -> str:
+    """A path as the written files may carry it: relative to the repository when inside it, else its last part
+    (the results are committed and must not name a particular machine's directories)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return Path(path).name or "."
+
+
 class Report:
     """Rows of one benchmark run plus the environment; written as CSV + JSON (+ PNG by the caller)."""
 
@@ -310,7 +319,7 @@ class Report:
                  notes: Sequence[str] = ()):
         self.name = name
         self.quick = bool(getattr(args, "quick", False))
-        self.config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} if args else {}
+        self.config = {k: (_portable(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} if args else {}
         self.meta = environment(device)
         self.notes: List[str] = list(notes)
         self.rows: List[dict] = []
