@@ -13,6 +13,7 @@ from ..pruning.schedule import SCHEDULE_UNITS
 from .score_objective import SCORE_OBJECTIVES
 
 METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
+SCORELESS_METHODS = ("magnitude", "first-order")  # no movement scores to learn or rank
 REPRESENTATIONS = ("pooler", "cls", "mean")
 BANK_NAMES = ("prc", "snc", "fic")
 BANK_DTYPES = ("float32", "float16", "bfloat16")
@@ -145,7 +146,7 @@ class CAPConfig:
         choice("score_init_mode", SCORE_INIT_MODES)
         choice("score_criterion", SCORE_CRITERIA)
         choice("score_objective", SCORE_OBJECTIVES)
-        if self.score_objective == "task" and (self.method in ("magnitude", "first-order") or not self.use_cap):
+        if self.score_objective == "task" and (self.method in SCORELESS_METHODS or not self.use_cap):
             raise ValueError(f"score_objective: 'task' keeps the contrastive terms' gradient out of movement scores, "
                              f"but method={self.method!r} with use_cap={self.use_cap} has "
                              f"{'no contrastive terms' if not self.use_cap else 'no movement scores'}; expected "
@@ -199,7 +200,7 @@ class CAPConfig:
     def _refuse_unused_score_knobs(self) -> None:
         """A score knob changed from its default where nothing reads it is an error, not silently ignored."""
         learned = ("score_lr", "score_init_mode", "score_init", "score_init_scale")
-        if self.method in ("magnitude", "first-order"):
+        if self.method in SCORELESS_METHODS:
             unused, why = learned + ("saliency_betas",), f"method {self.method!r} has no movement scores"
         elif self.score_criterion == "saliency":
             unused, why = learned, "score_criterion='saliency' does not learn its scores"

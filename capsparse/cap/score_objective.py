@@ -29,10 +29,6 @@ class TaskScoreGradients:
             h.remove()
         self._handles = []
 
-    @property
-    def armed(self) -> bool:
-        return bool(self._handles)
-
     def arm(self, total: torch.Tensor, task: torch.Tensor, scores: Sequence[torch.Tensor]) -> None:
         self.disarm()  # hooks a backward never reached (e.g. a skipped step) must not leak into the next one
         scores = [s for s in scores if s.requires_grad]

@@ -240,7 +240,7 @@ class _ScorePruner(Pruner):
         return MovementScoreFunction.apply(output, args[0], layer.weight, scores, layer, mode)
 
     def score_parameters(self) -> List[nn.Parameter]:
-        return [getattr(layer, SCORE_ATTR) for _, layer in self.layers]
+        return self.score_tensors()
 
     def score_tensors(self) -> List[torch.Tensor]:
         return [getattr(layer, SCORE_ATTR) for _, layer in self.layers]
