@@ -18,6 +18,7 @@ REPRESENTATIONS = ("pooler", "cls", "mean")
 BANK_NAMES = ("prc", "snc", "fic")
 BANK_DTYPES = ("float32", "float16", "bfloat16")
 SNAPSHOT_MODES = ("train", "eval")
+CONTRASTIVE_PHASES = ("all", "pruning")  # contrastive terms on every step, or until the final mask
 
 
 @dataclass
@@ -68,6 +69,9 @@ class CAPConfig:
         temperature, w_u, w_s, w_ce, w_kd, kd_temperature, normalization ("official" | "supcon").
         n_extra_keys: extra random keys per bank per step (``floor(n / R)`` examples with their R vectors).
         representation: "pooler" (official GLUE; the query after the classifier dropout), "cls", "mean".
+        contrastive_phase: when the contrastive terms apply: "all" (default; every step, official) or "pruning"
+            (until the cubic schedule reaches its final mask; the final-mask steps train on CE + KD only and take
+            no more snapshots). Methods with a cubic schedule only (not "first-order").
         bank_dtype, bank_device ("auto": the model's accelerator when the banks fit, else (pinned) CPU; or a
             device string), max_snapshots (SnC capacity R_max; ``None``: from the schedule), snapshot_mode
             ("train": dropout on while encoding snapshots, as the official unstructured code; "eval").
@@ -117,6 +121,7 @@ class CAPConfig:
     normalization: str = "official"
     n_extra_keys: int = 4096
     representation: str = "pooler"
+    contrastive_phase: str = "all"
     bank_dtype: str = "float32"
     bank_device: str = "auto"
     max_snapshots: Optional[int] = None
@@ -146,6 +151,11 @@ class CAPConfig:
         choice("score_init_mode", SCORE_INIT_MODES)
         choice("score_criterion", SCORE_CRITERIA)
         choice("score_objective", SCORE_OBJECTIVES)
+        choice("contrastive_phase", CONTRASTIVE_PHASES)
+        if self.contrastive_phase == "pruning" and (self.method == "first-order" or not self.use_cap):
+            raise ValueError(f"contrastive_phase: 'pruning' ends the contrastive terms at the cubic schedule's final "
+                             f"mask, but method={self.method!r} with use_cap={self.use_cap} has "
+                             f"{'no contrastive terms' if not self.use_cap else 'no cubic schedule'}; expected 'all'")
         if self.score_objective == "task" and (self.method in SCORELESS_METHODS or not self.use_cap):
             raise ValueError(f"score_objective: 'task' keeps the contrastive terms' gradient out of movement scores, "
                              f"but method={self.method!r} with use_cap={self.use_cap} has "

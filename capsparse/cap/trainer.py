@@ -245,6 +245,7 @@ class CAPTrainer(transformers.Trainer):
         if cfg.w_kd > 0 and self.banks is not None and self.banks.teacher_logits is not None:
             teacher_logits = self.banks.teacher_logits[ids.to(self.banks.device)]
         query = None
+        use_contrastive = use_contrastive and self._contrast_on()
         if cfg.use_cap and use_contrastive and self.banks is not None and self.banks.ready():
             query = self.tap.representation(cfg.representation, attention_mask, query=True)
         reg = self.pruning.regularization()
@@ -371,9 +372,15 @@ class CAPTrainer(transformers.Trainer):
         bank = self.banks[name]
         bank.write(bank.new_slot(), ids, reps)
 
+    def _contrast_on(self) -> bool:
+        """``contrastive_phase="pruning"``: the contrastive terms stop once the schedule reaches its final mask."""
+        if self.cap_config.contrastive_phase == "all" or self.schedule is None:
+            return True
+        return self.state.global_step < self.schedule.prune_end
+
     def _on_epoch_begin(self, state):
         cfg = self.cap_config
-        if self.pruning.stagewise or self.banks is None or "snc" not in self.banks.banks:
+        if self.pruning.stagewise or self.banks is None or "snc" not in self.banks.banks or not self._contrast_on():
             return
         epoch = state.global_step // self._steps_per_epoch
         if epoch >= 1 and epoch not in self.snapshot_epochs:
