@@ -176,3 +176,18 @@ def test_inference_path_equals_training_path(block, density, shape):
         assert y.grad_fn is None and y.shape == ref.shape
         torch.testing.assert_close(y, with_graph.detach(), rtol=0, atol=0)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_masked_weight_cached_in_inference_mode_is_rebuilt_for_training():
+    """W * M cached under inference_mode is an inference tensor: a later training forward rebuilds it
+    instead of failing to save it for backward."""
+    torch.manual_seed(0)
+    layer = SparseLinear(8, 6)
+    layer.set_mask(torch.rand(6, 8) < 0.5)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    w = layer.weight.detach().clone().requires_grad_()
+    (x @ (w * layer.mask).t()).sum().backward()
+    assert torch.allclose(layer.weight.grad, w.grad)

@@ -161,10 +161,12 @@ class SparseLinear(nn.Module):
         return self._layout
 
     def masked_weight(self) -> torch.Tensor:
-        """``W * M`` (detached), cached until the weight or the mask changes."""
+        """``W * M`` (detached), cached until the weight or the mask changes, or until it is needed outside
+        ``torch.inference_mode`` after being made inside it (an inference tensor cannot be saved for backward)."""
         w = self.weight
         key = (w.data_ptr(), w._version, self.mask.data_ptr(), self.mask._version, w.dtype)
-        if self._masked_weight is None or self._masked_key != key:
+        if (self._masked_weight is None or self._masked_key != key
+                or (self._masked_weight.is_inference() and not torch.is_inference_mode_enabled())):
             self._masked_weight = w.detach() * self.mask.to(w.dtype)
             self._masked_key = key
         return self._masked_weight
