@@ -1,5 +1,6 @@
 """CAP memory banks, keys, the objective and the config."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,9 +135,14 @@ def test_recipes_hold_published_defaults(tmp_path):
     assert (glue.method, glue.w_u, glue.w_s, glue.w_ce, glue.w_kd, glue.kd_temperature, glue.temperature) == \
         ("movement", 0.1, 10.0, 0.1, 0.9, 2.0, 0.1)
     assert (glue.schedule_warmup, glue.initial_warmup, glue.final_warmup, glue.score_lr) == (11000, 2, 3, 1e-2)
+    # capsparse's one departure in this recipe: the [CLS] query (docs/cap.md, differences); the official pooler
+    # query is one override away
+    assert glue.representation == "cls" and CAPConfig().representation == "cls"
+    assert CAPConfig.recipe("glue-unstructured", representation="pooler").representation == "pooler"
     st = CAPConfig.recipe("glue-structured")
     assert (st.method, st.w_u, st.w_s, st.kd_temperature, st.structured_steps, st.epochs_per_step) == \
         ("first-order", 0.3, 3.0, 1.0, 9, 2.0)
+    assert st.representation == "pooler"  # official; not measured otherwise
     squad = CAPConfig.recipe("squad-unstructured")
     assert (squad.w_u, squad.w_s, squad.representation, squad.schedule_warmup, squad.initial_warmup,
             squad.final_warmup) == (0.5, 0.0, "cls", 5400, 1, 2)
@@ -147,6 +153,25 @@ def test_recipes_hold_published_defaults(tmp_path):
     glue.save(str(path))
     assert CAPConfig.load(str(path)) == glue and json.loads(path.read_text())["method"] == "movement"
     assert "w_s" in str(glue) and CAPConfig.from_dict(glue.to_dict()) == glue
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_official_recipe_differs_only_where_capsparse_departs(name):
+    from capsparse.cap.config import OFFICIAL_CODE
+
+    ours, official = CAPConfig.recipe(name).to_dict(), CAPConfig.recipe(name, official=True).to_dict()
+    assert {k for k in ours if ours[k] != official[k]} == {k for k, v in OFFICIAL_CODE[name].items() if ours[k] != v}
+    assert all(official[k] == v for k, v in OFFICIAL_CODE[name].items())
+    assert CAPConfig.recipe(name, official=True, w_u=0.5).w_u == 0.5  # overrides still win
+    with pytest.raises(ValueError, match="official: expected True or False, got 'yes'"):
+        CAPConfig.recipe(name, official="yes")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_docs_print_each_recipe_as_the_code_holds_it(name):
+    """docs/cap.md shows every recipe as `print(CAPConfig.recipe(name))`: a changed default must change the page."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cap.md").read_text()
+    assert f"### {name}\n\n```\n{CAPConfig.recipe(name)}\n```" in text
 
 
 @pytest.mark.parametrize("bad,match", [

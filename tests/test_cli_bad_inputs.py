@@ -247,6 +247,24 @@ def test_no_silent_override_in_config_json(base, tmp_path):
                                                                      "weight_decay")}
 
 
+def test_official_flag_restores_the_official_code_and_still_yields_to_cap_options():
+    from capsparse.app.options import OptionError, build_cap_config, resolve
+
+    ours = build_cap_config(resolve({}, "prune"))
+    assert (ours.score_init_mode, ours.representation) == ("magnitude", "cls")
+    official = build_cap_config(resolve(vars(cli.parse_args(["prune", "--official"])), "prune"))
+    assert (official.score_init_mode, official.score_init, official.representation) == ("constant", 0.0, "pooler")
+    # everything else is the recipe's
+    assert {k: v for k, v in official.to_dict().items() if k not in ("score_init_mode", "representation")} == \
+        {k: v for k, v in ours.to_dict().items() if k not in ("score_init_mode", "representation")}
+    mixed = build_cap_config(resolve({"official": True, "cap_option": ["representation=cls"]}, "prune"))
+    assert (mixed.score_init_mode, mixed.representation) == ("constant", "cls")
+    squad = build_cap_config(resolve({"official": True, "task": "squad"}, "prune"))
+    assert (squad.score_init_mode, squad.representation) == ("constant", "cls")  # official SQuAD query: [CLS]
+    with pytest.raises(OptionError, match=r"--official: got 'yes', expected true or false"):
+        resolve({"official": "yes"}, "prune")
+
+
 def test_help_has_no_none_defaults():
     parser = cli.build_parser()
     for command in ("finetune", "prune", "eval", "export", "demo", "predict"):

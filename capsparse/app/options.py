@@ -43,7 +43,7 @@ DEFAULTS: Dict[str, Any] = dict(
     max_train_examples=None, max_eval_examples=None, epochs=3.0, max_steps=None, learning_rate=None,
     weight_decay=None, warmup_ratio=None, logging_steps=None, eval_during_training=False, group_by_length=False,
     seed=42, output_dir=None, threads=None, save_steps=None, resume=False, overwrite=False,
-    teacher=None, prc_model=None, method=None, cap=None, sparsity=None, block_size=None, recipe=None,
+    teacher=None, prc_model=None, method=None, cap=None, sparsity=None, block_size=None, recipe=None, official=False,
     cap_options=None, cap_option=None, split="validation", fp16=False,
     squad_dir=None, squad_train_file=None, squad_dev_file=None, doc_stride=128, max_query_length=64,
 )
@@ -313,6 +313,8 @@ def validate(o: Dict[str, Any], command: Optional[str]) -> None:
         _need(o["recipe"] in RECIPE_NAMES, "recipe", o["recipe"], f"one of {', '.join(RECIPE_NAMES)}")
     if get("cap") is not None:
         _need(isinstance(o["cap"], bool), "cap", o["cap"], "true or false")
+    if get("official") is not None:
+        _need(isinstance(o["official"], bool), "official", o["official"], "true or false")
     if get("block_size") is not None:
         _need(o["block_size"] in BLOCK_SIZES, "block_size", o["block_size"], f"one of {list(BLOCK_SIZES)}")
         if command == "prune" and get("method") not in (None, "block-movement", "magnitude"):
@@ -511,7 +513,7 @@ def build_cap_config(o: Dict[str, Any]):
     if o.get("block_size") is not None:
         updates["block_size"] = int(o["block_size"])
     try:
-        cfg = CAPConfig.recipe(o["recipe"], **updates)
+        cfg = CAPConfig.recipe(o["recipe"], official=bool(o.get("official")), **updates)
     except (TypeError, ValueError) as exc:
         field = str(exc).split(":", 1)[0].strip()
         where = flag(FLAG_FIELDS[field]) if field in FLAG_FIELDS else "--cap-option"

@@ -68,7 +68,9 @@ class CAPConfig:
         banks: which of "prc", "snc", "fic" are on.
         temperature, w_u, w_s, w_ce, w_kd, kd_temperature, normalization ("official" | "supcon").
         n_extra_keys: extra random keys per bank per step (``floor(n / R)`` examples with their R vectors).
-        representation: "pooler" (official GLUE; the query after the classifier dropout), "cls", "mean".
+        representation: "cls" (default: the last encoder layer's ``[CLS]`` vector; measured better than the
+            pooler at short budgets, docs/results.md), "pooler" (official GLUE; the query after the classifier
+            dropout), "mean".
         contrastive_phase: when the contrastive terms apply: "all" (default; every step, official) or "pruning"
             (until the cubic schedule reaches its final mask; the final-mask steps train on CE + KD only and take
             no more snapshots). Methods with a cubic schedule only (not "first-order").
@@ -120,7 +122,7 @@ class CAPConfig:
     kd_temperature: float = 2.0
     normalization: str = "official"
     n_extra_keys: int = 4096
-    representation: str = "pooler"
+    representation: str = "cls"
     contrastive_phase: str = "all"
     bank_dtype: str = "float32"
     bank_device: str = "auto"
@@ -238,12 +240,18 @@ class CAPConfig:
 
     # -- recipes -----------------------------------------------------------------------------------------
     @classmethod
-    def recipe(cls, name: str, **overrides) -> "CAPConfig":
+    def recipe(cls, name: str, official: bool = False, **overrides) -> "CAPConfig":
         """The published defaults (``docs/cap.md``): "glue-unstructured", "glue-structured",
-        "squad-unstructured", "squad-structured". ``overrides`` replace fields."""
+        "squad-unstructured", "squad-structured". ``official=True`` also undoes capsparse's departures from the
+        official code that have a field (:data:`OFFICIAL_CODE`: zero-start movement scores, the pooler query).
+        ``overrides`` replace fields."""
         if name not in RECIPES:
             raise ValueError(f"recipe: expected one of {tuple(RECIPES)}, got {name!r}")
+        if not isinstance(official, bool):
+            raise ValueError(f"official: expected True or False, got {official!r}")
         values = dict(RECIPES[name])
+        if official:
+            values.update(OFFICIAL_CODE[name])
         values.update(overrides)
         return cls(**values)
 
@@ -280,7 +288,7 @@ class CAPConfig:
 # Published defaults (docs/cap.md, Recipes). The matching TrainingArguments are in RECIPE_TRAINING.
 RECIPES = {
     "glue-unstructured": dict(method="movement", target_sparsity=0.9, temperature=0.1, w_u=0.1, w_s=10.0, w_ce=0.1,
-                              w_kd=0.9, kd_temperature=2.0, representation="pooler", schedule_warmup=11000,
+                              w_kd=0.9, kd_temperature=2.0, representation="cls", schedule_warmup=11000,
                               schedule_unit="steps", initial_warmup=2, final_warmup=3, score_lr=1e-2,
                               snapshot_mode="train", n_extra_keys=4096),
     "glue-structured": dict(method="first-order", target_sparsity=0.9, structured_steps=9, epochs_per_step=2.0,
@@ -295,6 +303,16 @@ RECIPES = {
                              structured_warmup_ratio=0.1, heads_protected=1, temperature=0.3, w_u=0.3, w_s=0.0,
                              w_ce=0.1, w_kd=0.9, kd_temperature=1.0, representation="cls", snapshot_mode="eval",
                              n_extra_keys=4096),
+}
+
+# Where capsparse's recipes depart from the official code through a field (docs/cap.md, differences 3 and 13):
+# these values give the official behaviour back (``CAPConfig.recipe(name, official=True)``, ``prune --official``).
+_ZERO_START_SCORES = dict(score_init_mode="constant", score_init=0.0)
+OFFICIAL_CODE = {
+    "glue-unstructured": dict(_ZERO_START_SCORES, representation="pooler"),
+    "glue-structured": {},  # first-order: no movement scores; the pooler query is already the recipe's
+    "squad-unstructured": dict(_ZERO_START_SCORES),  # the official SQuAD query is [CLS], as the recipe's
+    "squad-structured": {},
 }
 
 # The TrainingArguments of the official scripts, for reference (docs/cap.md, Recipes).
