@@ -169,3 +169,167 @@ def test_opcheck_of_the_custom_op():
     require("cpu")
     from capsparse.ops.dropout import _dropout
     torch.library.opcheck(_dropout, (torch.randn(5, 7), 0.3, seed_of(5), "cpu"))
+
+
+# -- attention -------------------------------------------------------------------------------------
+def qkv(b=2, h=3, length=5, d=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, length, d, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def bool_mask(b=2, length=5):
+    mask = torch.ones(b, 1, length, length, dtype=torch.bool)
+    mask[1, :, :, 3:] = False  # padded keys of the second example
+    return mask
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_attention_without_dropout_is_sdpa(mask_kind):
+    from capsparse.ops.attention import attention
+    q, k, v = qkv()
+    mask = {"none": None, "bool": bool_mask(), "float": torch.randn(2, 1, 5, 5, dtype=torch.float64)}[mask_kind]
+    torch.testing.assert_close(attention(q, k, v, mask, p=0.0, scale=0.3),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_with_dropout_matches_the_reference_forward_and_backward(backend):
+    require(backend)
+    from capsparse.ops.attention import attention, attention_reference
+    q, k, v = qkv()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    g = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    out = attention(q, k, v, bool_mask(), p=0.3, backend=backend)
+    torch.manual_seed(5)
+    ref = attention_reference(q2, k2, v2, bool_mask(), p=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    out.backward(g)
+    ref.backward(g)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(out, attention(q, k, v, bool_mask(), p=0.0)), "dropout was not applied"
+
+
+def test_attention_dropout_is_unbiased():
+    # E[dropout(P)] = P, so the mean output over many draws converges to the output without dropout
+    from capsparse.ops.attention import attention
+    q, k, v = (t.detach() for t in qkv(b=1, h=2, length=6, d=4))
+    exact = attention(q, k, v, p=0.0)
+    draws = torch.stack([attention(q, k, v, p=0.5) for _ in range(4000)])
+    se = draws.std(0) / math.sqrt(draws.shape[0])
+    z = (draws.mean(0) - exact) / se
+    assert z.abs().max() < 5, f"max |z| {z.abs().max():.2f}"
+    # and the test has power: a dropout without the 1 / (1 - p) rescaling is far off
+    z_unscaled = (draws.mean(0) * 0.5 - exact) / (se * 0.5)
+    assert z_unscaled.abs().max() > 5
+
+
+def test_attention_bad_inputs_name_the_argument():
+    from capsparse.ops.attention import attention
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="^q: expected 4 dims"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match=r"^p: expected a dropout probability"):
+        attention(q, k, v, p=2.0)
+
+
+# -- modules and models ----------------------------------------------------------------------------
+def sdpa_bert(seed=0, dropout_p=0.1):
+    from transformers import BertForSequenceClassification
+    from _tiny import tiny_config
+    config = tiny_config(dropout=dropout_p)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, 100, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[2, 7:] = 0
+    return dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1]))
+
+
+def test_sparsify_swaps_dropout_and_attention_and_keeps_the_state_dict():
+    import copy
+    from torch import nn
+    from capsparse import nn as cnn
+    from capsparse import sparsify
+    model = sdpa_bert()
+    plain = copy.deepcopy(model)
+    sparsify(model, block_size=16)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(type(m) is cnn.Dropout for m in dropouts)
+    assert all(m.p == 0.1 for m in dropouts)
+    attn = [layer.attention.self for layer in model.bert.encoder.layer]
+    assert all(type(a) is cnn.BertSelfAttention for a in attn)
+    kept = copy.deepcopy(plain)
+    sparsify(kept, block_size=16, dropout=False)
+    assert not any(type(m) in (cnn.Dropout, cnn.BertSelfAttention) for m in kept.modules())
+    assert list(model.state_dict()) == list(kept.state_dict())
+
+
+def test_fast_dropout_model_equals_the_plain_model_in_eval_and_trains():
+    import copy
+    from capsparse.surgery import fast_dropout
+    model = sdpa_bert()
+    fast = copy.deepcopy(model)
+    assert len(fast_dropout(fast)) > 0
+    model.eval()
+    fast.eval()
+    b = batch()
+    torch.testing.assert_close(fast(**b).logits, model(**b).logits, atol=1e-6, rtol=1e-5)
+    fast.train()
+    out = fast(**b)
+    out.loss.backward()
+    grads = [p.grad for p in fast.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_fast_dropout_model_without_dropout_matches_the_plain_model_in_training():
+    # p = 0: the swapped attention takes sdpa; outputs and gradients equal the plain HF model's
+    import copy
+    from capsparse.surgery import fast_dropout
+    model = sdpa_bert(dropout_p=0.0)
+    fast = copy.deepcopy(model)
+    fast_dropout(fast)
+    b = batch()
+    a, c = model(**b), fast(**b)
+    a.loss.backward()
+    c.loss.backward()
+    torch.testing.assert_close(c.logits, a.logits, atol=1e-6, rtol=1e-5)
+    for (name, p1), (_, p2) in zip(model.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fast_dropout_model_training_step_is_reproducible_and_backends_agree(backend):
+    import copy
+    from capsparse.surgery import fast_dropout
+    base = sdpa_bert()
+    fast_dropout(base)
+    base.train()
+    results = []
+    for forced in (backend, "reference"):
+        model = copy.deepcopy(base)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CAPSPARSE_BACKEND", forced)
+            torch.manual_seed(9)
+            out = model(**batch())
+            out.loss.backward()
+        results.append((out.logits.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
+    for g1, g2 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-4)
+
+
+def test_eager_models_keep_their_attention():
+    from capsparse import nn as cnn
+    from capsparse.surgery import fast_dropout
+    from _tiny import tiny_bert
+    model = tiny_bert()  # attn_implementation="eager": attention weights may be asked for, so it stays
+    fast_dropout(model)
+    assert not any(type(m) is cnn.BertSelfAttention for m in model.modules())
+    assert any(type(m) is cnn.Dropout for m in model.modules())
