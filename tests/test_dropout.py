@@ -333,3 +333,21 @@ def test_eager_models_keep_their_attention():
     fast_dropout(model)
     assert not any(type(m) is cnn.BertSelfAttention for m in model.modules())
     assert any(type(m) is cnn.Dropout for m in model.modules())
+
+
+def test_training_with_dropout_compiles_fullgraph_and_draws_the_eager_masks():
+    from capsparse import sparsify
+    torch._dynamo.reset()
+    model = sdpa_bert()
+    sparsify(model, block_size=16)
+    model.train()
+    b = batch()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(3)
+    out = compiled(**b)
+    torch.manual_seed(3)
+    ref = model(**b)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-5)
+    torch.manual_seed(4)
+    assert not torch.allclose(compiled(**b).logits, out.logits), "the compiled graph reused one mask"
+    torch._dynamo.reset()
