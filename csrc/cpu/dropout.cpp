@@ -75,7 +75,7 @@ inline void philox8(uint64_t ctr, const Keys8& key, __m256i c[G][4]) {
   const __m256i m0 = _mm256_set1_epi32((int)kMul0), m1 = _mm256_set1_epi32((int)kMul1);
   // ctr is a multiple of 8 * G (callers start at multiples of 32 * G elements): ctr + 8g + l never carries
   for (int g = 0; g < G; ++g) {
-    c[g][0] = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)ctr + 8 * g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    c[g][0] = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(ctr + 8 * g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     c[g][1] = _mm256_set1_epi32((int)(uint32_t)(ctr >> 32));
     c[g][2] = c[g][3] = _mm256_setzero_si256();
   }
