@@ -1,7 +1,7 @@
 // Dropout with a counter-based RNG: element i is kept when the (i % 4)-th word of Philox4x32-10 at counter
 // (i / 4) under the 64-bit key `seed` is below (1 - p) * 2^32. The mask is a pure function of (seed, i), so
 // the backward regenerates it instead of saving one, and the result does not depend on the thread count.
-// capsparse/ops/dropout.py holds the PyTorch reference that computes the same words.
+// capsparse/backends/reference.py (philox_words) computes the same words with PyTorch integer ops.
 #include "common.h"
 
 #include <ATen/OpMathType.h>
