@@ -34,7 +34,7 @@ import copy
 import gc
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -212,8 +212,11 @@ class Step:
     """One variant: ``run()`` is one full training step."""
 
     def __init__(self, variant: str, base: nn.Module, sparsity: float, batch: int, length: int, n_examples: int,
-                 vocab: int, block_score_mode: str, n_extra: int):
+                 vocab: int, block_score_mode: str, n_extra: int, fast_dropout: Optional[bool] = None):
+        """``fast_dropout``: ``None`` as the library does (``sparsify`` swaps in the seed-determined dropout and
+        attention, the HF variants keep torch's), ``True`` / ``False`` forces it on / off."""
         from capsparse import sparsify
+        from capsparse.surgery import fast_dropout as swap_dropout
         self.variant, self.sparsity = variant, sparsity
         self.notes: List[str] = []
         self.components = ""
@@ -236,7 +239,7 @@ class Step:
             from capsparse.pruning.embeddings import freeze_embeddings
             freeze_embeddings(self.model)
         if variant.startswith("capsparse"):
-            sparsify(self.model, block_size=32 if "block" in variant else None)
+            sparsify(self.model, block_size=32 if "block" in variant else None, dropout=fast_dropout is not False)
             self.pruner, psrc = make_pruner(self.model, block_score_mode)
             self.pruner.update(density)
             self.banks, bsrc = make_banks(n_examples, self.model.config.hidden_size, self.labels_all)
@@ -252,6 +255,8 @@ class Step:
             self.components = "HF model, CE only"
         else:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        if fast_dropout and not variant.startswith("capsparse"):
+            swap_dropout(self.model)
         params = [p for n, p in self.model.named_parameters()
                   if p.requires_grad and "mask_scores" not in n and "movement_scores" not in n]
         scores = [p for n, p in self.model.named_parameters() if "mask_scores" in n] + list(extra_params)

@@ -5,7 +5,12 @@ bank sampling (keys for the three banks), forward (student), CAP losses (CE + KD
 forward), backward (all of it, score gradient included), of which the score gradient
 (``MovementScoreFunction.backward``, timed by a wrapper), optimizer (AdamW step), mask update
 (``pruner.update``). Variants: the block-score modes ``exact`` and ``sampled`` (kept blocks exact,
-pruned blocks from 1/8 of the tokens), plus a dense fine-tuning step for scale.
+pruned blocks from 1/8 of the tokens) with the fast dropout that ``sparsify`` swaps in and with torch's
+(``--torch-dropout-too``), a plain HF dense fine-tuning step (the target's baseline) and the same dense step
+with the fast dropout and attention (so that what sparsity itself gains is visible).
+
+``--ops`` adds one profiled step per variant (``torch.profiler``) and reports the operators' self CPU time
+(rows with ``phase = "op: <name>"``), so the time outside the linears is visible by operator.
 
     python benchmarks/profile_cap_step.py            # default model, batch 32, length 128, 90%
     python benchmarks/profile_cap_step.py --quick    # tiny model, batch 4, length 16
@@ -81,9 +86,26 @@ def phased_run(step: "T.Step", clock: Clock):
             step.pruner.update(step.density)
 
 
+def op_rows(report, steps, top: int, common: dict) -> None:
+    """One ``torch.profiler`` step per variant: the ``top`` operators by self CPU time, with their share."""
+    from torch.profiler import ProfilerActivity, profile
+    for name, s in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            s.run()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        for e in events[:top]:
+            report.add(variant=name, phase=f"op: {e.key}", median_ms=e.self_cpu_time_total / 1e3,
+                       share=e.self_cpu_time_total / total if total else None, calls=e.count, reps=1, **common)
+
+
 def main(argv=None):
     parser = H.base_parser(__doc__.split("\n")[0], reps=3)
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--torch-dropout-too", action="store_true",
+                        help="also time the CAP variants with torch's dropout (the step before the fast dropout)")
+    parser.add_argument("--ops", type=int, default=0, metavar="N",
+                        help="report the N operators with the most self CPU time of one profiled step per variant")
     args = parser.parse_args(argv)
     H.setup(args.threads)
     from capsparse.backends import cpu
@@ -97,8 +119,14 @@ def main(argv=None):
     for mode in ("exact", "sampled"):
         steps[f"CAP block32, {mode} scores"] = T.Step("capsparse block32", base, args.sparsity, batch, length,
                                                       block_score_mode=mode, **common)
+        if args.torch_dropout_too:
+            steps[f"CAP block32, {mode} scores, torch dropout"] = T.Step(
+                "capsparse block32", base, args.sparsity, batch, length, block_score_mode=mode, fast_dropout=False,
+                **common)
     steps["dense fine-tune"] = T.Step("dense fine-tune", base, args.sparsity, batch, length,
                                       block_score_mode="exact", **common)
+    steps["dense fine-tune, fast dropout"] = T.Step("dense fine-tune", base, args.sparsity, batch, length,
+                                                    block_score_mode="exact", fast_dropout=True, **common)
     clocks = {name: [] for name in steps}
     fn, original, wrapped = None, None, None
     report = H.Report("cap_step_profile", args, "cpu")
@@ -126,6 +154,8 @@ def main(argv=None):
             report.add(variant=name, phase=phase, median_ms=ms, share=ms / total if total else None,
                        vs_dense_step=ms / dense_total if dense_total else None, reps=len(cs), model=model_name,
                        batch=batch, length=length, sparsity=args.sparsity)
+    if args.ops:
+        op_rows(report, steps, args.ops, dict(model=model_name, batch=batch, length=length, sparsity=args.sparsity))
     report.note("share = phase median / step-total median of the variant; vs_dense_step = phase / dense step median; "
                 "the score gradient runs inside backward (its time is part of 'backward')")
     H.finish(report, args, None, ["variant", "phase", "median_ms", "share", "vs_dense_step", "status"])

@@ -1,4 +1,4 @@
-"""Model surgery: swap ``nn.Linear`` instances for :class:`SparseLinear` and back.
+"""Model surgery: swap ``nn.Linear`` instances for :class:`SparseLinear` and back, and dropout for the fast one.
 
 Only module instances are replaced (``setattr`` on the parent); no class is patched, so nothing
 leaks between models or tests.
@@ -13,6 +13,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 from torch import nn
 
 from .layout import BlockSize, check_block_divides, normalize_block_size
+from .nn.dropout import BertSelfAttention, Dropout
 from .nn.sparse_linear import SparseLinear
 
 # The six encoder linears of each BERT-family layer (transformers 5 module names).
@@ -88,8 +89,34 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def fast_dropout(model: nn.Module) -> List[str]:
+    """Swap every ``nn.Dropout`` of ``model`` for :class:`capsparse.nn.Dropout` and every encoder
+    ``BertSelfAttention`` running sdpa for :class:`capsparse.nn.BertSelfAttention`, in place. Same distribution
+    (keep ``1 - p``, scale ``1 / (1 - p)``), other random draws; eval is unchanged. Returns the swapped names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    attention_type = None
+    try:
+        from transformers.models.bert.modeling_bert import BertSelfAttention as attention_type
+    except ImportError:  # no transformers: no BERT attention to swap
+        pass
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Dropout:
+            new = Dropout.from_dropout(module)
+        elif (attention_type is not None and type(module) is attention_type and not module.is_causal
+              and getattr(module.config, "_attn_implementation", None) == "sdpa"):
+            new = BertSelfAttention(module)
+        else:
+            continue
+        _swap(model, name, new)
+        names.append(name)
+    return names
+
+
 def sparsify(model: nn.Module, block_size: Optional[BlockSize] = None,
-             targets: Union[str, Sequence[str]] = BERT_ENCODER_TARGETS, backend: Optional[str] = None) -> SurgeryReport:
+             targets: Union[str, Sequence[str]] = BERT_ENCODER_TARGETS, backend: Optional[str] = None,
+             dropout: bool = True) -> SurgeryReport:
     """Swap the target linears of ``model`` for :class:`SparseLinear` in place (all-ones masks).
 
     Args:
@@ -98,9 +125,11 @@ def sparsify(model: nn.Module, block_size: Optional[BlockSize] = None,
         targets: regular expressions over qualified module names; the default selects the six encoder
             linears of every layer (72 for BERT-base, 36 for a 6-layer model).
         backend: backend forced for the new layers (``None``: automatic).
+        dropout: also swap dropout and sdpa self-attention for the fast, seed-determined dropout
+            (:func:`fast_dropout`; in a CAP step the torch dropout masks cost more than the sparse linears).
 
     Returns:
-        a :class:`SurgeryReport` listing the swapped names. Validation happens before any swap.
+        a :class:`SurgeryReport` listing the swapped linears. Validation happens before any swap.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -112,6 +141,8 @@ def sparsify(model: nn.Module, block_size: Optional[BlockSize] = None,
             check_block_divides((linear.out_features, linear.in_features), pair, name=f"{name}.weight")
     for name in names:
         _swap(model, name, SparseLinear.from_linear(model.get_submodule(name), block_size=pair, backend=backend))
+    if dropout:
+        fast_dropout(model)
     return SurgeryReport(swapped=names, block_size=pair)
 
 

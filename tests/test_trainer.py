@@ -31,7 +31,9 @@ def test_end_to_end_movement_with_teacher_finetuning(tmp_path):
     assert {"ce", "kd", "prc_u", "prc_s", "fic_u", "fic_s", "sparsity"} <= set(logs[0])
     assert "snc_u" in logs[-1] and trainer.banks["snc"].count == 2          # R_max = 2: a ring of snapshots
     assert trainer.snapshot_epochs == {1, 2, 3, 4}
-    assert logs[-1]["ce"] < logs[0]["ce"] - 0.1                             # learns the toy task
+    # learns the toy task: the CE drop over TrainingArguments seeds 0-4 was 0.06-0.12 with torch's dropout and with
+    # the seed-determined one that sparsify swaps in (means 0.10 / 0.09), so 0.1 was a coin flip on the masks
+    assert logs[-1]["ce"] < logs[0]["ce"] - 0.05
     assert logs[-1]["loss"] < max(l["loss"] for l in logs)
     report = trainer.sparsity_report()
     assert report["global"] == pytest.approx(0.7, abs=0.01) and len(report["per_layer"]) == 12

@@ -290,3 +290,8 @@ def set_tuning(token_tile: int = 0, dw_chunk: int = 0, order: int = 0) -> None:
     """Token tile and loop order (1 weight-strip outer, 2 token-row outer) of the forward/dX
     kernels and token chunk of dW; 0 = automatic. For benchmarks and tuning."""
     _C().set_tuning(int(token_tile), int(dw_chunk), int(order))
+
+
+def dropout(x, p: float, seed):
+    """Seed-determined dropout (``capsparse.ops.dropout``): Philox words, AVX2 for fp32, one pass, no mask saved."""
+    return _C().dropout_apply(x, float(p), seed)

@@ -115,3 +115,39 @@ def cap_contrastive(q, k, query_ids, key_ids, query_labels, key_labels, exclude_
     if query_labels is not None and key_labels is not None:
         loss_s, grad_s = one(query_labels[:, None] == key_labels[None, :])
     return loss_u, loss_s, grad_u, grad_s
+
+
+# -- dropout (capsparse.ops.dropout): Philox4x32-10 in int64 tensor ops, the words the cpu kernel computes
+_M32 = 0xFFFFFFFF
+_MUL = (0xD2511F53, 0xCD9E8D57)
+_WEYL = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo(a: torch.Tensor, m: int):
+    # a * m overflows int64 for 32-bit a and m: multiply by m's 16-bit halves
+    t, u = a * (m & 0xFFFF), a * (m >> 16)
+    return (u + (t >> 16)) >> 16, (((u & 0xFFFF) << 16) + t) & _M32
+
+
+def philox_words(n: int, seed: torch.Tensor, device=None) -> torch.Tensor:
+    """The first ``n`` 32-bit words (as int64) of the stream that decides element ``i``; ``seed``: int64 scalar."""
+    ctr = torch.arange((n + 3) // 4, dtype=torch.int64, device=device)
+    c0, c1 = ctr & _M32, ctr >> 32
+    c2 = c3 = torch.zeros_like(ctr)
+    seed = seed.to(device)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, _MUL[0])
+        hi1, lo1 = _mulhilo(c2, _MUL[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _WEYL[0]) & _M32, (k1 + _WEYL[1]) & _M32
+    return torch.stack([c0, c1, c2, c3], dim=1).reshape(-1)[:n]
+
+
+def keep_threshold(p: float) -> int:
+    return int((1.0 - p) * 2 ** 32)
+
+
+def dropout(x, p: float, seed):
+    keep = philox_words(x.numel(), seed, x.device) < keep_threshold(p)
+    return x * keep.reshape(x.shape).to(x.dtype) * (1.0 / (1.0 - p))

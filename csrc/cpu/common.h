@@ -23,6 +23,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, std::optional<at::
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                       const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t in_features);
 
+// Dropout with a Philox mask of (seed, element index); also its own backward (the same masked scaling).
+at::Tensor dropout_apply(const at::Tensor& x, double p, const at::Tensor& seed);
+
 // Tuning knobs (token tile, dW token chunk); 0 = automatic.
 void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order);
 std::string simd_info();

@@ -2,7 +2,7 @@
 #include "common.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "capsparse CPU kernels (block-sparse and CSR linear, CAP contrastive loss)";
+  m.doc() = "capsparse CPU kernels (block-sparse and CSR linear, CAP contrastive loss, dropout)";
   m.def("bsl_forward", &capsparse::bsl_forward, "block-sparse linear forward", py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("row_ptr"), py::arg("row_cols"), py::arg("bm"), py::arg("bk"),
         py::arg("out") = py::none());
@@ -21,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cap_contrastive", &capsparse::cap_contrastive, "CAP contrastive losses and grads wrt q",
         py::arg("q"), py::arg("k"), py::arg("query_ids"), py::arg("key_ids"), py::arg("query_labels"),
         py::arg("key_labels"), py::arg("exclude_index"), py::arg("temperature"), py::arg("normalization"));
+  m.def("dropout_apply", &capsparse::dropout_apply, "dropout with a Philox mask of (seed, index); its own backward",
+        py::arg("x"), py::arg("p"), py::arg("seed"));
   m.def("set_tuning", &capsparse::set_tuning, "token tile / dW chunk / loop order (0 = automatic)",
         py::arg("token_tile"), py::arg("dw_chunk"), py::arg("order") = 0);
   m.def("simd_info", &capsparse::simd_info);
