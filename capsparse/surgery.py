@@ -114,6 +114,23 @@ def fast_dropout(model: nn.Module) -> List[str]:
     return names
 
 
+def restore_dropout(model: nn.Module) -> List[str]:
+    """Undo :func:`fast_dropout` in place: :class:`capsparse.nn.Dropout` back to ``nn.Dropout`` (same ``p``) and
+    :class:`capsparse.nn.BertSelfAttention` back to transformers' class (same children). Returns the swapped names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module) is Dropout:
+            new = nn.Dropout(module.p)
+            new.train(module.training)
+        elif type(module) is BertSelfAttention:
+            new = module.to_original()
+        else:
+            continue
+        _swap(model, name, new)
+        names.append(name)
+    return names
+
+
 def sparsify(model: nn.Module, block_size: Optional[BlockSize] = None,
              targets: Union[str, Sequence[str]] = BERT_ENCODER_TARGETS, backend: Optional[str] = None,
              dropout: bool = True) -> SurgeryReport:
@@ -167,10 +184,12 @@ def exact_state_dict(model: nn.Module):
 
 
 def densify(model: nn.Module) -> SurgeryReport:
-    """Swap every :class:`SparseLinear` back to ``nn.Linear`` with its mask baked in."""
+    """Swap every :class:`SparseLinear` back to ``nn.Linear`` with its mask baked in, and the fast dropout
+    modules that :func:`sparsify` swapped in back to torch's / transformers' (:func:`restore_dropout`)."""
     names = [n for n, _ in sparse_layers(model)]
     if not names:
         raise ValueError(f"model: expected at least one SparseLinear to densify in {type(model).__name__}, found none")
     for name in names:
         _swap(model, name, model.get_submodule(name).to_linear())
+    restore_dropout(model)
     return SurgeryReport(swapped=names)

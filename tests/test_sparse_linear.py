@@ -112,6 +112,27 @@ def test_sparsify_default_model_swaps_36_and_is_exact(default_model):
     assert not torch.allclose(masked, want)
 
 
+def test_densify_gives_back_the_plain_transformers_modules():
+    """sparsify swaps dropout and sdpa self-attention for capsparse's; densify swaps them back, children kept."""
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    model, _ = load_default(num_labels=2)
+    types = {name: type(m) for name, m in model.named_modules()}
+    keys = set(model.state_dict())
+    sparsify(model, backend="reference")
+    assert sum(type(m) is capsparse.nn.Dropout for m in model.modules()) > 0
+    assert sum(type(m) is capsparse.nn.BertSelfAttention for m in model.modules()) == 6
+    query = model.bert.encoder.layer[0].attention.self.query
+    densify(model)
+    assert {name: type(m) for name, m in model.named_modules()} == types
+    assert set(model.state_dict()) == keys
+    attention = model.bert.encoder.layer[0].attention.self
+    assert isinstance(attention, BertSelfAttention) and attention.query is not query  # densified linear
+    assert (attention.num_attention_heads, attention.scaling, attention.layer_idx, attention.is_causal) == (
+        12, 32 ** -0.5, 0, False)
+    assert attention.dropout.p == model.config.attention_probs_dropout_prob
+
+
 def test_sparsify_block_layout_matches_dense_with_zeros():
     model, tokenizer = load_default(num_labels=2)
     model.eval()

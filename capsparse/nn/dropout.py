@@ -23,6 +23,18 @@ class Dropout(nn.Dropout):
         return new
 
 
+# what transformers' BertSelfAttention.__init__ sets besides its children
+_ATTENTION_ATTRS = ("config", "num_attention_heads", "attention_head_size", "all_head_size", "scaling", "is_decoder",
+                    "is_causal", "layer_idx")
+
+
+def _copy_attention(src: nn.Module, dst: nn.Module) -> None:
+    dst.query, dst.key, dst.value, dst.dropout = src.query, src.key, src.value, src.dropout
+    for name in _ATTENTION_ATTRS:
+        setattr(dst, name, getattr(src, name))
+    dst.train(src.training)
+
+
 class BertSelfAttention(nn.Module):
     """transformers' encoder ``BertSelfAttention`` (sdpa, no cache) whose training path is
     :func:`capsparse.ops.attention`: the same ``query`` / ``key`` / ``value`` / ``dropout`` children and head
@@ -30,13 +42,16 @@ class BertSelfAttention(nn.Module):
 
     def __init__(self, original: nn.Module):
         super().__init__()
-        self.query, self.key, self.value = original.query, original.key, original.value
-        self.dropout = original.dropout
-        self.config = original.config
-        for name in ("num_attention_heads", "attention_head_size", "all_head_size", "scaling", "is_decoder",
-                     "is_causal", "layer_idx"):
-            setattr(self, name, getattr(original, name))
-        self.train(original.training)
+        _copy_attention(original, self)
+
+    def to_original(self) -> nn.Module:
+        """transformers' ``BertSelfAttention`` with this module's children and head attributes (``densify``)."""
+        from transformers.models.bert.modeling_bert import BertSelfAttention as Original
+
+        original = Original.__new__(Original)  # its __init__ would allocate new q / k / v weights
+        nn.Module.__init__(original)
+        _copy_attention(self, original)
+        return original
 
     def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         if cache is not None:
