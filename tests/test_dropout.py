@@ -351,3 +351,17 @@ def test_training_with_dropout_compiles_fullgraph_and_draws_the_eager_masks():
     torch.manual_seed(4)
     assert not torch.allclose(compiled(**b).logits, out.logits), "the compiled graph reused one mask"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_trainer_sparsify_follows_cap_config_fast_dropout(fast):
+    """CAPConfig.fast_dropout decides what the trainer's sparsify swaps: False keeps torch's dropout exactly."""
+    import capsparse.nn as cnn
+    from capsparse.cap import CAPConfig
+    from capsparse.cap.trainer import pruning_method
+    model = sdpa_bert()
+    pruning_method(CAPConfig(method="movement", fast_dropout=fast), model)
+    swapped = [m for m in model.modules() if type(m) in (cnn.Dropout, cnn.BertSelfAttention)]
+    assert bool(swapped) is fast
+    with pytest.raises(ValueError, match="fast_dropout: expected True or False, got 'no'"):
+        CAPConfig(fast_dropout="no")

@@ -577,7 +577,7 @@ def pruning_method(cfg: CAPConfig, model, trainer: Optional[CAPTrainer] = None) 
         return StructuredPruning(model, cfg.target_sparsity, cfg.structured_steps, cfg.heads_protected,
                                  cfg.structured_warmup_ratio, cfg.epochs_per_step, **hooks)
     if not sparse_layers(model):
-        sparsify(model, block_size=cfg.block_size)
+        sparsify(model, block_size=cfg.block_size, dropout=cfg.fast_dropout)
     kwargs = {}
     if cfg.method == "magnitude":
         kwargs["scope"] = cfg.magnitude_scope
