@@ -89,6 +89,17 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _swap_each(model: nn.Module, replacement) -> List[str]:
+    """Swap every module for which ``replacement(module)`` gives a new one; returns the swapped names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        new = replacement(module)
+        if new is not None:
+            _swap(model, name, new)
+            names.append(name)
+    return names
+
+
 def fast_dropout(model: nn.Module) -> List[str]:
     """Swap every ``nn.Dropout`` of ``model`` for :class:`capsparse.nn.Dropout` and every encoder
     ``BertSelfAttention`` running sdpa for :class:`capsparse.nn.BertSelfAttention`, in place. Same distribution
@@ -100,35 +111,30 @@ def fast_dropout(model: nn.Module) -> List[str]:
         from transformers.models.bert.modeling_bert import BertSelfAttention as attention_type
     except ImportError:  # no transformers: no BERT attention to swap
         pass
-    names = []
-    for name, module in list(model.named_modules()):
+
+    def fast(module):
         if type(module) is nn.Dropout:
-            new = Dropout.from_dropout(module)
-        elif (attention_type is not None and type(module) is attention_type and not module.is_causal
-              and getattr(module.config, "_attn_implementation", None) == "sdpa"):
-            new = BertSelfAttention(module)
-        else:
-            continue
-        _swap(model, name, new)
-        names.append(name)
-    return names
+            return Dropout.from_dropout(module)
+        if (attention_type is not None and type(module) is attention_type and not module.is_causal
+                and getattr(module.config, "_attn_implementation", None) == "sdpa"):
+            return BertSelfAttention(module)
+        return None
+
+    return _swap_each(model, fast)
 
 
 def restore_dropout(model: nn.Module) -> List[str]:
     """Undo :func:`fast_dropout` in place: :class:`capsparse.nn.Dropout` back to ``nn.Dropout`` (same ``p``) and
     :class:`capsparse.nn.BertSelfAttention` back to transformers' class (same children). Returns the swapped names."""
-    names = []
-    for name, module in list(model.named_modules()):
+
+    def plain(module):
         if type(module) is Dropout:
             new = nn.Dropout(module.p)
             new.train(module.training)
-        elif type(module) is BertSelfAttention:
-            new = module.to_original()
-        else:
-            continue
-        _swap(model, name, new)
-        names.append(name)
-    return names
+            return new
+        return module.to_original() if type(module) is BertSelfAttention else None
+
+    return _swap_each(model, plain)
 
 
 def sparsify(model: nn.Module, block_size: Optional[BlockSize] = None,

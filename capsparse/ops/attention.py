@@ -27,7 +27,8 @@ def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def _math(q, k, v, mask, p: float, scale: float, backend: Optional[str]):
+def _math(q, k, v, mask, p: float, scale: Optional[float], backend: Optional[str]):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if mask is not None:
         scores = scores + _additive(mask, scores.dtype)
@@ -37,7 +38,6 @@ def _math(q, k, v, mask, p: float, scale: float, backend: Optional[str]):
 
 def attention_reference(q, k, v, mask=None, p: float = 0.0, scale: Optional[float] = None):
     """The same math as :func:`attention` with the reference dropout (so the same mask under the same seed)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _math(q, k, v, mask, p, scale, "reference")
 
 
@@ -55,7 +55,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, dims=4)
     p = check_p(p)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if p == 0.0 or resolve_backend(q.device, backend, op="attention") not in ("cpu", "reference"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
     return _math(q, k, v, mask, p, scale, backend)

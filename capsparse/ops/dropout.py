@@ -2,8 +2,8 @@
 Philox4x32-10 at counter ``i // 4`` under the 64-bit key ``seed`` is below ``(1 - p) * 2**32``; kept elements are
 scaled by ``1 / (1 - p)``.
 
-Each call draws the seed (an int64 scalar tensor) from torch's default CPU generator, so ``torch.manual_seed`` and a restored RNG state
-reproduce the masks. The backward regenerates the mask from the seed, so nothing mask-sized is saved.
+Each call draws the seed (an int64 scalar tensor) from torch's default CPU generator, so ``torch.manual_seed`` and
+a restored RNG state reproduce the masks. The backward regenerates the mask from the seed, so nothing mask-sized is saved.
 :func:`dropout_reference` computes the same words with plain integer tensor ops (bitwise the same mask as the
 ``cpu`` kernel); on CUDA the op is ``F.dropout`` (torch's fused kernel is already fast there).
 """
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..backends import reference as _reference
 from ..backends.registry import get_backend, resolve_backend
 from ._checks import check_tensor
+
 
 def dropout_reference(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch oracle of the ``cpu`` kernel, ``0 < p < 1``: the same mask, the same scale."""
