@@ -90,6 +90,16 @@ def backend_availability() -> Dict[str, str]:
             available_backends().items()}
 
 
+def cpu_kernels() -> str:
+    """The vector code capsparse's C++ kernels were built with (AVX2 and AVX-512 machines give different ratios)."""
+    try:
+        from capsparse.backends import cpu
+        ok, reason = cpu.is_available()
+    except Exception as exc:  # noqa: BLE001
+        return not_available(f"capsparse.backends.cpu: {exc}")
+    return reason if ok else not_available(reason)
+
+
 def _capsparse_path() -> str:
     """Which capsparse ran, without this machine's paths (results are committed): this checkout or an install."""
     try:
@@ -116,6 +126,7 @@ def environment(device: str = "cpu") -> dict:
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU",
         "backends": backend_availability(),
+        "cpu_kernels": cpu_kernels(),
         "capsparse_path": _capsparse_path(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
