@@ -282,3 +282,52 @@ def test_env_var_forces_backend(monkeypatch):
     monkeypatch.setenv("CAPSPARSE_BACKEND", "cuda")
     with pytest.raises((RuntimeError, ValueError), match="cuda"):
         block_sparse_linear(torch.randn(2, 32), torch.randn(32, 32), layout)
+
+
+def _spy_ops(monkeypatch):
+    """Counts the calls of the registered inference ops (the modules' names for them)."""
+    import importlib
+    calls = []
+    for mod_name, attr in (("capsparse.ops.block_sparse_linear", "_bsl_forward"),
+                           ("capsparse.ops.masked_linear", "_masked_linear_forward")):
+        mod = importlib.import_module(mod_name)
+        real = getattr(mod, attr)
+        monkeypatch.setattr(mod, attr, lambda *a, real=real, attr=attr: calls.append(attr) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.0])
+def test_eager_inference_skips_the_custom_op_and_matches_it(monkeypatch, backend, density):
+    """Eager no-grad calls run the op's implementation directly (no dispatch round trip), with the op's result;
+    under the profiler (and any tracer or dispatch mode) the registered op runs, so profiles still name it."""
+    require(backend)
+    calls = _spy_ops(monkeypatch)
+    layout = random_layout((64, 96), 32, density, seed=3)
+    w, b, x = torch.randn(64, 96), torch.randn(64), torch.randn(2, 7, 96)
+    mask = torch.rand(64, 96) < density
+    with torch.no_grad():
+        direct = (block_sparse_linear(x, w, layout, b, backend=backend), masked_linear(x, w, mask, b, backend=backend))
+    assert calls == []
+    with torch.no_grad(), torch.profiler.profile():
+        via_op = (block_sparse_linear(x, w, layout, b, backend=backend), masked_linear(x, w, mask, b, backend=backend))
+    assert calls == ["_bsl_forward", "_masked_linear_forward"]
+    for d, o in zip(direct, via_op):
+        assert torch.equal(d, o)
+    ref_block = block_sparse_linear_reference(x.double(), w.double(), layout, b.double())
+    assert_within_torch_error(direct[0], F.linear(x, w * layout.to_dense_mask(), b), ref_block, FLOORS[torch.float32])
+    ref_mask = masked_linear_reference(x.double(), w.double(), mask, b.double())
+    assert_within_torch_error(direct[1], F.linear(x, w * mask, b), ref_mask, FLOORS[torch.float32])
+
+
+def test_inference_under_fake_tensors_uses_the_registered_op(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    calls = _spy_ops(monkeypatch)
+    layout = random_layout((32, 64), 16, 0.5, seed=4)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the layout's index tensors stay real
+        w, x = torch.randn(32, 64), torch.randn(5, 64)
+        with torch.no_grad():
+            y = block_sparse_linear(x, w, layout, backend="cpu")
+            z = masked_linear(x, w, torch.ones(32, 64, dtype=torch.bool), backend="cpu")
+    assert y.shape == (5, 32) and z.shape == (5, 32)
+    assert calls == ["_bsl_forward", "_masked_linear_forward"]

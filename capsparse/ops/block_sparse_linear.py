@@ -20,7 +20,7 @@ from ..backends.registry import get_backend, resolve_backend
 from ..layout import BlockLayout, check_weight
 from ._autocast import autocast_dtype, autocast_off, cast
 from ._checks import check_linear_inputs
-from .masked_linear import _needs_graph
+from .masked_linear import _needs_graph, _plain_eager
 
 
 def block_sparse_linear_reference(x, weight, layout: BlockLayout, bias=None):
@@ -257,9 +257,11 @@ def block_sparse_linear(x: torch.Tensor, weight: torch.Tensor, layout: BlockLayo
         lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         hint = -1.0 if density is None else float(density)
-        if not _needs_graph(x, weight, bias):  # inference: the forward op alone (no autograd node)
+        if not _needs_graph(x, weight, bias):  # inference: the forward alone (no autograd node)
             bm, bk = layout.block_size
-            y = _bsl_forward(x2d, weight.contiguous(), bias, layout.row_ptr, layout.row_cols, bm, bk, name, hint)
+            args = (x2d, weight.contiguous(), bias, layout.row_ptr, layout.row_cols, bm, bk)
+            # eager: the op's implementation directly; under a tracer, mode or profiler: the registered op
+            y = _call(name, "bsl_forward", args, hint) if _plain_eager(*args[:5]) else _bsl_forward(*args, name, hint)
             return y.reshape(*lead, weight.shape[0])
         # (not under torch.compile: the hand-over is a Python attribute on the output)
         offer = (GradWeightOffer() if torch.is_grad_enabled() and weight.requires_grad

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..backends.registry import get_backend, resolve_backend
 from ._autocast import autocast_dtype, autocast_off, cast
@@ -91,10 +92,22 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
         x2d = x.reshape(-1, x.shape[-1])
         if _needs_graph(x, weight, bias):
             y = MaskedLinearFunction.apply(x2d, weight, masked_weight, mask, bias, name)
-        else:  # inference: the forward op alone (no autograd node, no saved tensors)
+        elif _plain_eager(x2d, masked_weight, bias):  # eager inference: the op's implementation, directly
+            y = get_backend(name).masked_linear_forward(x2d, masked_weight, bias)
+        else:  # inference under a tracer, a dispatch mode or the profiler: the forward op alone (no autograd node)
             y = _masked_linear_forward(x2d, masked_weight, bias, name)
     return y.reshape(*lead, weight.shape[0])
 
 
 def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _plain_eager(*tensors) -> bool:
+    """True when an inference call may skip the custom op and call its implementation: ordinary tensors, and no
+    torch.compile, functorch transform, Python dispatch mode or profiler that should see the op. The custom-op
+    round trip costs about 40 us a call on CPU, 1.4 ms of a batch-1 forward of a 36-linear model."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch.autograd.profiler._is_profiler_enabled or _get_current_dispatch_mode() is not None):
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
