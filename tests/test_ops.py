@@ -331,3 +331,24 @@ def test_inference_under_fake_tensors_uses_the_registered_op(monkeypatch):
             z = masked_linear(x, w, torch.ones(32, 64, dtype=torch.bool), backend="cpu")
     assert y.shape == (5, 32) and z.shape == (5, 32)
     assert calls == ["_bsl_forward", "_masked_linear_forward"]
+
+
+@pytest.mark.parametrize("block_size", [None, 32])
+def test_sparse_linear_inference_takes_the_direct_path(monkeypatch, block_size):
+    """The path users take: SparseLinear (parameters, cached masked weight) under no_grad and inference_mode."""
+    from capsparse.nn import SparseLinear
+    calls = _spy_ops(monkeypatch)
+    layer = SparseLinear.from_linear(torch.nn.Linear(96, 64), block_size=block_size)
+    if block_size is None:
+        layer.set_mask(torch.rand(64, 96) < 0.2)
+    else:
+        layer.set_mask(torch.rand(2, 3) < 0.5)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        y = layer(x)
+    with torch.inference_mode():
+        z = layer(x)
+    assert calls == []
+    with torch.no_grad(), torch.profiler.profile():
+        ref = layer(x)
+    assert len(calls) == 1 and torch.equal(y, ref) and torch.equal(z, ref)
