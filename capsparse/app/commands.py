@@ -93,9 +93,9 @@ def prune(options: Optional[Dict[str, Any]] = None, **overrides) -> Dict[str, An
     teacher = tasks.load_teacher(o["teacher"], t) if o["teacher"] else None
     prc_model = tasks.load_model(t, o["prc_model"], flag="--prc-model")[0] if o["prc_model"] else None
     run = open_run(o, "prune", cap_config=cap_config.to_dict())  # only now: bad models leave no run directory
-    if teacher is None and (cap_config.w_kd > 0 or "fic" in cap_config.active_banks):
+    if teacher is None and cap_config.needs_teacher:
         log.warning("no --teacher: CAPTrainer first fine-tunes a dense copy for teacher_epochs=%g epochs (set "
-                    "--teacher to reuse one, or --cap-option w_kd=0 with --no-cap for no teacher)",
+                    "--teacher to reuse one, or --cap-option w_kd=0 with --no-cap and w_hidden=0 for no teacher)",
                     cap_config.teacher_epochs)
     train_set, dev, data_desc = tasks.featurize(t, tokenizer, o, raw)
     args, total = training_arguments(o, run.path, len(train_set), remove_unused=False)

@@ -71,6 +71,10 @@ class CAPConfig:
         use_cap: add the contrastive modules (False: CE + KD only).
         banks: which of "prc", "snc", "fic" are on.
         temperature, w_u, w_s, w_ce, w_kd, kd_temperature, normalization ("official" | "supcon").
+        w_hidden: weight of layer-wise hidden-state distillation, ``w_hidden * mean_l MSE(h_S^l, h_T^l)`` over the
+            real tokens of every encoder layer's output (TinyBERT / CoFi's layer distillation; student and teacher
+            share the hidden size, so no projection). It needs a no-grad teacher forward per training step.
+            0.0 (default): off, as the official code.
         n_extra_keys: extra random keys per bank per step (``floor(n / R)`` examples with their R vectors).
         representation: "cls" (default: the last encoder layer's ``[CLS]`` vector; measured better than the
             pooler at short budgets, docs/results.md), "pooler" (official GLUE; the query after the classifier
@@ -125,6 +129,7 @@ class CAPConfig:
     w_ce: float = 0.1
     w_kd: float = 0.9
     kd_temperature: float = 2.0
+    w_hidden: float = 0.0
     normalization: str = "official"
     n_extra_keys: int = 4096
     representation: str = "cls"
@@ -199,7 +204,7 @@ class CAPConfig:
         for name in ("temperature", "kd_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
-        for name in ("w_u", "w_s", "w_ce", "w_kd", "score_lr", "soft_lambda_final", "sparsity_tolerance",
+        for name in ("w_u", "w_s", "w_ce", "w_kd", "w_hidden", "score_lr", "soft_lambda_final", "sparsity_tolerance",
                      "teacher_epochs"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
@@ -244,6 +249,11 @@ class CAPConfig:
     @property
     def active_banks(self) -> Tuple[str, ...]:
         return self.banks if self.use_cap else ()
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a run reads a teacher: KD, layer-wise distillation or the FiC bank."""
+        return self.w_kd > 0 or self.w_hidden > 0 or "fic" in self.active_banks
 
     # -- recipes -----------------------------------------------------------------------------------------
     @classmethod

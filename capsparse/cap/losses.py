@@ -1,6 +1,7 @@
 """The CAP objective and the sentence representations it contrasts.
 
     L = w_ce * CE + sum_b (w_u * L_u^b + w_s * L_s^b) + w_kd * T^2 * KL(p_T || p_S) (batchmean) + lambda_t * L1
+        [+ w_hidden * mean_l MSE(h_S^l, h_T^l): layer-wise distillation, off by default]
 
 The contrastive terms use :func:`capsparse.ops.cap_contrastive_loss` per bank, with the keys of
 :meth:`capsparse.cap.banks.BankSet.keys_for`. Teacher logits come from the per-example cache filled
@@ -126,6 +127,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean") * t * t
 
 
+def hidden_distillation_loss(student_hidden, teacher_hidden, attention_mask: Optional[torch.Tensor] = None
+                             ) -> torch.Tensor:
+    """Layer-wise distillation: the mean over layers of the per-element MSE between student and teacher hidden
+    states ``[B, L, D]``, over the real tokens (``attention_mask`` ``[B, L]``; ``None``: all of them).
+
+    ``student_hidden`` / ``teacher_hidden``: sequences of equal length (one tensor per layer)."""
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise ValueError(f"hidden states: expected the same number of layers from student and teacher, got "
+                         f"{len(student_hidden)} and {len(teacher_hidden)}")
+    weight = None
+    if attention_mask is not None:
+        weight = attention_mask.to(device=student_hidden[0].device, dtype=torch.float32).unsqueeze(-1)
+        denom = weight.sum().clamp_min(1.0) * student_hidden[0].shape[-1]
+    total = 0.0
+    for hs, ht in zip(student_hidden, teacher_hidden):
+        sq = (hs.float() - ht.detach().float().to(hs.device)) ** 2
+        total = total + (sq.mean() if weight is None else (sq * weight).sum() / denom)
+    return total / len(student_hidden)
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE over ``[B, C]`` logits."""
     return F.cross_entropy(logits.float(), labels.long())
@@ -140,14 +161,15 @@ def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch
                   query: Optional[torch.Tensor], banks=None, teacher_logits: Optional[torch.Tensor] = None,
                   contrastive_labels: Optional[torch.Tensor] = None, regularization: Optional[torch.Tensor] = None,
                   reg_lambda: float = 0.0, use_contrastive: bool = True, attention_mask: Optional[torch.Tensor] = None,
-                  head=None, split: bool = False):
+                  head=None, split: bool = False, hidden=None):
     """``(total, components)``; components are detached scalars (ce, kd, <bank>_u, <bank>_s, l1).
     ``split=True``: ``(total, components, task, contrastive)``, ``total`` split into its task terms (CE, KD, L1)
     and its contrastive terms (``None`` when there are none), both in the graph, for routing their gradients.
 
     ``head``: the task head (:mod:`capsparse.cap.heads`) whose ``task_loss`` and ``kd_loss`` (given
     ``attention_mask``) apply; ``None``: classification (CE, ``T^2 * KL``). ``contrastive_labels=None``:
-    unsupervised positives only (question answering has no labels to compare)."""
+    unsupervised positives only (question answering has no labels to compare). ``hidden``: ``(student layers,
+    teacher layers)`` for the layer-wise distillation term (``config.w_hidden``), or ``None``."""
     parts: Dict[str, torch.Tensor] = {}
     ce = head.task_loss(logits, labels) if head is not None else classification_loss(logits, labels)
     total = config.w_ce * ce
@@ -160,6 +182,10 @@ def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch
             kd = kd_loss(logits, teacher_logits.to(logits.device), config.kd_temperature)
         total = total + config.w_kd * kd
         parts["kd"] = kd.detach()
+    if hidden is not None and config.w_hidden > 0:
+        hd = hidden_distillation_loss(hidden[0], hidden[1], attention_mask)
+        total = total + config.w_hidden * hd
+        parts["hidden"] = hd.detach()
     if use_contrastive and banks is not None and query is not None:
         supervised = config.w_s > 0 and contrastive_labels is not None
         for name, bank in banks.ready().items():

@@ -134,7 +134,7 @@ class CAPTrainer(transformers.Trainer):
         self.head = task_head(model)  # everything that differs between tasks
         self._ids, self._train_labels = self.head.prepare(cfg, train_dataset)
         self.n_examples = len(self._ids)
-        self.needs_teacher = cfg.w_kd > 0 or "fic" in cfg.active_banks
+        self.needs_teacher = cfg.needs_teacher
         if teacher is not None:
             check_teacher(teacher, model)
         self.teacher = teacher
@@ -239,7 +239,7 @@ class CAPTrainer(transformers.Trainer):
             return reps, head.cache_logits(head.logits(out), batch.get("attention_mask"))
         return fn
 
-    def _objective(self, logits, labels, ids, attention_mask, use_contrastive=True):
+    def _objective(self, logits, labels, ids, attention_mask, use_contrastive=True, hidden=None):
         cfg = self.cap_config
         teacher_logits = None
         if cfg.w_kd > 0 and self.banks is not None and self.banks.teacher_logits is not None:
@@ -253,7 +253,7 @@ class CAPTrainer(transformers.Trainer):
                              teacher_logits=teacher_logits, contrastive_labels=self.head.contrastive_labels(labels),
                              regularization=reg, reg_lambda=self.pruning.reg_lambda(self.state.global_step),
                              use_contrastive=use_contrastive, attention_mask=attention_mask, head=self.head,
-                             split=True)
+                             split=True, hidden=hidden)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs, labels, ids = self.head.split(inputs)
@@ -261,18 +261,28 @@ class CAPTrainer(transformers.Trainer):
             raise ValueError(self.head.missing_labels)
         self.tap.clear()
         self._task_score_grads.disarm()
-        outputs = model(**inputs)
+        layerwise = model.training and ids is not None and self.cap_config.w_hidden > 0
+        outputs = model(**inputs, output_hidden_states=True) if layerwise else model(**inputs)
         logits = self.head.logits(outputs)
         if not model.training or ids is None:  # evaluation: the task loss only
             loss = self.head.task_loss(logits, labels)
         else:
-            loss, parts, task, contrastive = self._objective(logits, labels, ids, inputs.get("attention_mask"))
+            hidden = self._layer_pairs(outputs, inputs) if layerwise else None
+            loss, parts, task, contrastive = self._objective(logits, labels, ids, inputs.get("attention_mask"),
+                                                             hidden=hidden)
             if self.cap_config.score_objective == "task" and contrastive is not None and torch.is_grad_enabled():
                 self._task_score_grads.arm(loss, task, self.pruning.score_tensors())
             for k, v in parts.items():
                 self._parts_sum[k] = self._parts_sum.get(k, 0.0) + v
             self._parts_n += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _layer_pairs(self, outputs, inputs):
+        """(student, teacher) encoder-layer outputs for the layer-wise distillation term; the embedding output
+        (index 0) is left out (frozen embeddings give it no gradient to learn from)."""
+        with torch.no_grad():
+            teacher_out = self.teacher(**inputs, output_hidden_states=True)
+        return outputs.hidden_states[1:], teacher_out.hidden_states[1:]
 
     # -- optimizer / scheduler -------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
