@@ -35,7 +35,8 @@ def input_share(x) -> float:
     return float((x - mean).norm(dim=1).mean() / mean.norm().clamp_min(1e-12))
 
 
-def probe_model(path: str, sentences, labels, max_length: int) -> dict:
+def probe_model(path: str, texts, labels, max_length: int) -> dict:
+    """``texts``: a list of sentences, or a ``(first, second)`` pair of lists for sentence-pair tasks."""
     import torch
 
     from capsparse.export import load_any
@@ -49,7 +50,8 @@ def probe_model(path: str, sentences, labels, max_length: int) -> dict:
     hooks = [layer.output.LayerNorm.register_forward_hook(
         lambda m, inputs, out, i=i: captured.__setitem__(i, inputs[0][:, 0].detach().float()))
         for i, layer in enumerate(layers)]
-    enc = tok(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    args = (list(texts[0]), list(texts[1])) if isinstance(texts, tuple) else (list(texts),)
+    enc = tok(*args, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     try:
         with torch.no_grad():
             logits = model(**enc).logits.float()
@@ -66,7 +68,7 @@ def probe_model(path: str, sentences, labels, max_length: int) -> dict:
     }
 
 
-def markdown(rows: list, n: int) -> str:
+def markdown(rows: list, n: int, task: str = "sst2") -> str:
     layers = max(len(r["input_share_per_layer"]) for r in rows)
     head = "| model | acc (subset) | top class share | logit std | " + " | ".join(
         f"layer {i}" for i in range(layers)) + " |"
@@ -76,14 +78,20 @@ def markdown(rows: list, n: int) -> str:
         lines.append(f"| {r['model']} | {100 * r['accuracy']:.1f}% | {100 * r['predicted_class_share']:.0f}% | "
                      f"{r['logit_std']:.4f} | {shares} |")
     return ("\n".join(lines) + f"\n\nLayer cells: input share of the [CLS] vector entering each layer's final LayerNorm "
-            f"(mean ||x_i - mean(x)|| / ||mean(x)|| over {n} SST-2 dev sentences).\n")
+            f"(mean ||x_i - mean(x)|| / ||mean(x)|| over {n} {TASKS[task]} dev examples).\n")
+
+
+TASKS = {"sst2": "SST-2", "mrpc": "MRPC"}
+TEXT_COLUMNS = {"sst2": ("sentence",), "mrpc": ("sentence1", "sentence2")}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", help="compressed exports or transformers model directories (SST-2 classifiers)")
+    p.add_argument("models", nargs="+", help="compressed exports or transformers model directories (classifiers of "
+                                             "--task)")
+    p.add_argument("--task", default="sst2", choices=sorted(TASKS), help="GLUE task whose dev set is probed")
     p.add_argument("--out", default="runs/collapse-probe", help="output directory")
-    p.add_argument("--examples", type=int, default=256, help="SST-2 dev sentences (a seeded subset)")
+    p.add_argument("--examples", type=int, default=256, help="dev examples (a seeded subset)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--glue-dir", default=None)
@@ -100,12 +108,14 @@ def main(argv=None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    dev = load_glue("sst2", "validation", glue_dir=a.glue_dir, max_examples=a.examples)
-    rows = [probe_model(m, dev["sentence"], dev["label"], a.max_length) for m in a.models]
+    dev = load_glue(a.task, "validation", glue_dir=a.glue_dir, max_examples=a.examples)
+    cols = TEXT_COLUMNS[a.task]
+    texts = dev[cols[0]] if len(cols) == 1 else (dev[cols[0]], dev[cols[1]])
+    rows = [probe_model(m, texts, dev["label"], a.max_length) for m in a.models]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "collapse.json").write_text(json.dumps({"examples": len(dev), "rows": rows}, indent=2) + "\n")
-    md = markdown(rows, len(dev))
+    md = markdown(rows, len(dev), a.task)
     (out / "collapse.md").write_text(md)
     print(md)
     return 0

@@ -205,6 +205,12 @@ def test_collapse_probe_script(tiny_model_dir, tmp_path):
     assert (out / "collapse.md").read_text().count("| ") > 2
     with pytest.raises(SystemExit):
         probe.main([str(tmp_path / "missing")])
+    # sentence pairs: MRPC's dev pairs go through the tokenizer as pairs (token_type_ids 1 on the second)
+    pairs = tmp_path / "probe-mrpc"
+    assert probe.main([str(collapsed), "--task", "mrpc", "--out", str(pairs), "--examples", "16", "--threads", "1"]) == 0
+    (row,) = json.loads((pairs / "collapse.json").read_text())["rows"]
+    assert row["input_share_per_layer"][-1] < 1e-3 and row["predicted_class_share"] == 1.0
+    assert "16 MRPC dev examples" in (pairs / "collapse.md").read_text()
 
 
 @needs_glue
