@@ -61,11 +61,17 @@ def _trainer(tmp_path, w_hidden, **cfg):
                       teacher=teacher), teacher
 
 
-def test_trainer_adds_the_term_and_runs_the_teacher_each_step(tmp_path):
-    trainer, teacher = _trainer(tmp_path, w_hidden=1.0)
+def _record_teacher_calls(teacher):
+    """The ``output_hidden_states`` argument of every teacher forward."""
     calls = []
     teacher.register_forward_hook(lambda m, a, kw, out: calls.append(kw.get("output_hidden_states")),
                                   with_kwargs=True)
+    return calls
+
+
+def test_trainer_adds_the_term_and_runs_the_teacher_each_step(tmp_path):
+    trainer, teacher = _trainer(tmp_path, w_hidden=1.0)
+    calls = _record_teacher_calls(teacher)
     trainer.train()
     logs = [l for l in trainer.state.log_history if "loss" in l]
     assert len(logs) == 4 and all(l["hidden"] > 0 for l in logs)
@@ -84,8 +90,6 @@ def test_term_alone_trains_the_student_toward_the_teacher(tmp_path):
 
 def test_off_by_default_means_no_teacher_hidden_states(tmp_path):
     trainer, teacher = _trainer(tmp_path, w_hidden=0.0)
-    calls = []
-    teacher.register_forward_hook(lambda m, a, kw, out: calls.append(kw.get("output_hidden_states")),
-                                  with_kwargs=True)
+    calls = _record_teacher_calls(teacher)
     trainer.train()
     assert True not in calls and all("hidden" not in l for l in trainer.state.log_history)
