@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
             choices=RECIPE_NAMES)
     p.add_argument("--official", action="store_true", default=False,
                    help="the official CAP code's behaviour where capsparse's recipe departs from it: zero-start "
-                        "movement scores and, for GLUE, the pooler as the contrastive query and no layer-wise "
-                        "distillation (docs/cap.md, differences); --cap-option values still override it")
+                        "movement scores and, for GLUE, the pooler as the contrastive query (docs/cap.md, "
+                        "differences); --cap-option values still override it")
     p.add_argument("--cap-option", action="append", default=None, metavar="KEY=VALUE",
                    help="set any other CAPConfig field, e.g. --cap-option temperature=0.1 --cap-option w_u=0.1 "
                         "(repeatable; values are parsed as JSON, else taken as strings, and checked against the "

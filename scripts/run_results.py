@@ -61,11 +61,11 @@ CONFIGS = {
                           "--cap-option", "block_score_mode=sampled"]),
     "movement-70": ("movement", ["--method", "movement", "--no-cap", "--sparsity", "0.7"]),
     "movement-80": ("movement", ["--method", "movement", "--no-cap", "--sparsity", "0.8"]),
-    # the recipe's layer-wise distillation off (w_hidden=0: the official objective), everything else the same
-    "movement-nold-90": ("movement, no layer distillation", ["--method", "movement", "--no-cap", "--sparsity", "0.9",
-                                                              "--cap-option", "w_hidden=0"]),
-    "capm-nold-90": ("CAP-m, no layer distillation", ["--method", "movement", "--cap", "--sparsity", "0.9",
-                                                      "--cap-option", "w_hidden=0"]),
+    # layer-wise distillation (w_hidden=5), off in the recipe: everything else as movement-90 / capm-90
+    "movement-ld-90": ("movement + layer distillation", ["--method", "movement", "--no-cap", "--sparsity", "0.9",
+                                                          "--cap-option", "w_hidden=5"]),
+    "capm-ld-90": ("CAP-m + layer distillation", ["--method", "movement", "--cap", "--sparsity", "0.9",
+                                                  "--cap-option", "w_hidden=5"]),
     "magnitude-90": ("magnitude", ["--method", "magnitude", "--no-cap", "--sparsity", "0.9"]),
     "capmag-90": ("CAP + magnitude", ["--method", "magnitude", "--cap", "--sparsity", "0.9"]),
     # soft movement sets its sparsity through the L1 weight (--soft-lambda), not --sparsity (the CLI refuses it)
@@ -76,8 +76,8 @@ DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "magnitud
                    "movement-official-90", "capm-official-90", "block-90", "capblock-90", "soft", "capsoft"]
 PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("movement-official-90", "capm-official-90"),
          ("saliency-90", "capsal-90"), ("saliency-97", "capsal-97"),
-         ("block-90", "capblock-90"), ("movement-nold-90", "movement-90"), ("capm-nold-90", "capm-90"),
-         ("movement-nold-90", "capm-nold-90"), ("block-90", "block-90-sampled"),
+         ("block-90", "capblock-90"), ("movement-90", "movement-ld-90"), ("capm-90", "capm-ld-90"),
+         ("movement-ld-90", "capm-ld-90"), ("block-90", "block-90-sampled"),
          ("soft", "capsoft"), ("magnitude-90", "capmag-90")]
 
 
