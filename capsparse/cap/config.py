@@ -76,7 +76,7 @@ class CAPConfig:
             real tokens of every encoder layer's output (TinyBERT / CoFi's layer distillation; student and teacher
             share the hidden size, so no projection). It needs a no-grad teacher forward per training step.
             0.0 (default, every recipe): off, as the official code. Measured on SST-2 at 90% (docs/results.md,
-            eighth set): 5.0 helps plain movement (+0.65 points, 3 seeds) but not CAP-m (-0.12).
+            eighth set): 5.0 helps plain movement (+0.65 points, 3 seeds) but not CAP-m (-0.11).
         n_extra_keys: extra random keys per bank per step (``floor(n / R)`` examples with their R vectors).
         representation: "cls" (default: the last encoder layer's ``[CLS]`` vector; measured better than the
             pooler at short budgets, docs/results.md), "pooler" (official GLUE; the query after the classifier
