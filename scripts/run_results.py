@@ -61,6 +61,7 @@ CONFIGS = {
                           "--cap-option", "block_score_mode=sampled"]),
     "movement-70": ("movement", ["--method", "movement", "--no-cap", "--sparsity", "0.7"]),
     "movement-80": ("movement", ["--method", "movement", "--no-cap", "--sparsity", "0.8"]),
+    "capm-70": ("CAP-m", ["--method", "movement", "--cap", "--sparsity", "0.7"]),
     # layer-wise distillation (w_hidden=5), off in the recipe: everything else as movement-90 / capm-90
     "movement-ld-90": ("movement + layer distillation", ["--method", "movement", "--no-cap", "--sparsity", "0.9",
                                                           "--cap-option", "w_hidden=5"]),
@@ -74,7 +75,7 @@ CONFIGS = {
 }
 DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "magnitude-90", "capmag-90",
                    "movement-official-90", "capm-official-90", "block-90", "capblock-90", "soft", "capsoft"]
-PAIRS = [("movement-90", "capm-90"), ("movement-97", "capm-97"), ("movement-official-90", "capm-official-90"),
+PAIRS = [("movement-90", "capm-90"), ("movement-70", "capm-70"), ("movement-97", "capm-97"), ("movement-official-90", "capm-official-90"),
          ("saliency-90", "capsal-90"), ("saliency-97", "capsal-97"),
          ("block-90", "capblock-90"), ("movement-90", "movement-ld-90"), ("capm-90", "capm-ld-90"),
          ("movement-ld-90", "capm-ld-90"), ("block-90", "block-90-sampled"),
