@@ -279,7 +279,8 @@ class CAPTrainer(transformers.Trainer):
 
     def _layer_pairs(self, outputs, inputs):
         """(student, teacher) encoder-layer outputs for the layer-wise distillation term; the embedding output
-        (index 0) is left out (frozen embeddings give it no gradient to learn from)."""
+        (index 0) is left out: the term matches what the encoder layers compute (embeddings are frozen by default
+        in the unstructured methods, where the student's equals the teacher's)."""
         with torch.no_grad():
             teacher_out = self.teacher(**inputs, output_hidden_states=True)
         return outputs.hidden_states[1:], teacher_out.hidden_states[1:]
