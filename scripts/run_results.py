@@ -241,7 +241,6 @@ def collect(out) -> dict:
     meta_path = out / "run_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     teacher_seed = (meta or {}).get("budget", {}).get("teacher_seed", 0)
-    task = (meta or {}).get("budget", {}).get("task", "sst2")
     per_seed = {}
     for name in names:
         d = out / name
@@ -279,6 +278,63 @@ def collect(out) -> dict:
                      "cpu_seconds_mean": statistics.fmean([c for c in cpus if c is not None] or [0.0]),
                      "export_mb": (statistics.fmean([s for s in sizes if s]) / 1e6) if any(sizes) else None,
                      "train_steps": steps[0]})
+    return write_results(out, rows, per_seed, meta)
+
+
+def _merge_rows(a: dict, b: dict, source) -> dict:
+    """One configuration's row from two result sets with disjoint seeds (time columns weighted by seeds)."""
+    shared = sorted(set(a["seeds"]) & set(b["seeds"]))
+    if shared:
+        raise ValueError(f"sources: {b['config']} seed(s) {shared} appear in {source} and in an earlier source; "
+                         "expected each seed of a configuration in one result set only")
+    if abs(a["sparsity"] - b["sparsity"]) > 1e-3:
+        raise ValueError(f"sources: {b['config']} has sparsity {b['sparsity']:.4f} in {source} and "
+                         f"{a['sparsity']:.4f} in an earlier source; expected the same configuration")
+    n_a, n_b = a["n_seeds"], b["n_seeds"]
+    seeds, accs = a["seeds"] + b["seeds"], a["accuracies"] + b["accuracies"]
+    f1s = (a["f1s"] + b["f1s"]) if a.get("f1s") is not None and b.get("f1s") is not None else None
+    mean, std = _mean_std(accs)
+    f1_mean, f1_std = _mean_std(f1s) if f1s else (None, None)
+
+    def weighted(key):
+        return (n_a * a[key] + n_b * b[key]) / (n_a + n_b)
+
+    return dict(a, n_seeds=n_a + n_b, seeds=seeds, accuracies=accs, mean=mean, std=std, f1s=f1s, f1_mean=f1_mean,
+                f1_std=f1_std, wall_seconds_mean=weighted("wall_seconds_mean"),
+                cpu_seconds_mean=weighted("cpu_seconds_mean"))
+
+
+def merge(out, sources) -> dict:
+    """Join result sets of the same budget and teacher, run on disjoint seeds (e.g. seed 0 one day, seeds 1-2
+    the next), into one table: every source's results.json must carry the same dense-teacher accuracy."""
+    out = Path(out)
+    rows, meta, teacher = {}, None, None
+    for src in sources:
+        path = Path(src) / "results.json" if Path(src).is_dir() else Path(src)
+        if not path.is_file():
+            raise ValueError(f"sources: {src} has no results.json (expected a collected results directory)")
+        res = json.loads(path.read_text())
+        for r in res["rows"]:
+            if r["config"] == "dense":
+                if teacher is not None and abs(r["accuracies"][0] - teacher) > 1e-9:
+                    raise ValueError(f"sources: the dense teacher scores {r['accuracies'][0]:.4f} in {src} and "
+                                     f"{teacher:.4f} in an earlier source; expected one shared teacher")
+                teacher = r["accuracies"][0]
+                rows.setdefault("dense", r)
+                continue
+            rows[r["config"]] = _merge_rows(rows[r["config"]], r, src) if r["config"] in rows else r
+        meta = meta or res.get("meta")
+    order = ["dense"] + list(CONFIGS)
+    merged = sorted(rows.values(), key=lambda r: order.index(r["config"]) if r["config"] in order else len(order))
+    per_seed = {r["config"]: dict(zip(r["seeds"], r["accuracies"])) for r in merged}
+    meta = dict(meta or {}, merged_from=[str(s) for s in sources])
+    out.mkdir(parents=True, exist_ok=True)
+    return write_results(out, merged, per_seed, meta)
+
+
+def write_results(out: Path, rows: list, per_seed: dict, meta) -> dict:
+    """results.{json,csv,md} and accuracy_vs_sparsity.png from the rows, with the paired differences."""
+    task = (meta or {}).get("budget", {}).get("task", "sst2")
     # paired differences (run - its baseline: CAP, or the sampled block scores) over the seeds both finished
     diffs = []
     for base, capv in PAIRS:
@@ -372,7 +428,17 @@ def main(argv=None) -> int:
                                                    "needed; training speed is the same dense GEMM)")
     c = sub.add_parser("collect", help="write the tables and plot from finished runs")
     c.add_argument("--out", default="runs/results")
+    m = sub.add_parser("merge", help="join collected result sets of one budget and teacher run on disjoint seeds")
+    m.add_argument("--out", required=True, help="directory for the joined tables and plot")
+    m.add_argument("sources", nargs="+", help="collected results directories (or their results.json)")
     a = p.parse_args(argv)
+    if a.cmd == "merge":
+        try:
+            res = merge(a.out, a.sources)
+        except ValueError as exc:
+            p.error(str(exc))
+        print(Path(a.out, "results.md").read_text())
+        return 0 if res["rows"] else 1
     if a.cmd == "collect":
         res = collect(a.out)
         print(Path(a.out, "results.md").read_text())

@@ -183,6 +183,42 @@ def test_results_collect_tables_and_plot(tmp_path):
     assert "| CAP-m | 90.0% | 72.00 ± 0.00 | 83.00 ± 0.00 | 1 | 72.0 | - | 2.0 min | 1.5 min |" in md
 
 
+
+def test_results_merge_joins_disjoint_seeds(tmp_path):
+    """scripts/run_results.py merge: two collected sets of one teacher on other seeds give one 3-seed table."""
+    rr = load_script("run_results")
+
+    def collected(name, runs, teacher=0.79):
+        root = tmp_path / name
+        for config, seed, acc, f1, cpu in [("dense", 0, teacher, 0.86, 600)] + runs:
+            d = root / config / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({"eval": {"accuracy": acc, "f1": f1}, "cpu_seconds": cpu,
+                                                        "sparsity": 0.0 if config == "dense" else 0.7,
+                                                        "wall_seconds": cpu, "train_steps": 10}))
+        (root / "run_meta.json").write_text(json.dumps({"budget": {"task": "mrpc"}}))
+        rr.collect(root)
+        return root
+
+    a = collected("a", [("movement-70", 0, 0.76, 0.84, 60), ("capm-70", 0, 0.77, 0.85, 120)])
+    b = collected("b", [("movement-70", 1, 0.73, 0.82, 90), ("movement-70", 2, 0.74, 0.83, 90),
+                        ("capm-70", 1, 0.76, 0.84, 150), ("capm-70", 2, 0.75, 0.83, 150)])
+    res = rr.merge(tmp_path / "joined", [a, b / "results.json"])
+    rows = {r["config"]: r for r in res["rows"]}
+    assert rows["movement-70"]["seeds"] == [0, 1, 2] and rows["movement-70"]["mean"] == pytest.approx(74.333, abs=1e-3)
+    assert rows["capm-70"]["f1_mean"] == pytest.approx(84.0) and rows["capm-70"]["cpu_seconds_mean"] == pytest.approx(140)
+    assert rows["dense"]["n_seeds"] == 1
+    (pair,) = res["paired"]
+    assert pair["seeds"] == [0, 1, 2] and pair["diffs"] == pytest.approx([1.0, 3.0, 1.0])
+    md = (tmp_path / "joined" / "results.md").read_text()
+    assert "| capm-70 vs movement-70 | 0, 1, 2 | +1.67 ± 1.15 | +1.0, +3.0, +1.0 |" in md
+    assert (tmp_path / "joined" / "accuracy_vs_sparsity.png").is_file()
+    with pytest.raises(ValueError, match="seed\\(s\\) \\[0\\] appear in"):
+        rr.merge(tmp_path / "bad", [a, a])
+    other = collected("c", [("movement-70", 3, 0.70, 0.80, 60)], teacher=0.80)
+    with pytest.raises(ValueError, match="dense teacher scores"):
+        rr.merge(tmp_path / "bad2", [a, other])
+
 @needs_glue
 def test_collapse_probe_script(tiny_model_dir, tmp_path):
     """scripts/collapse_probe.py: per-layer input share of [CLS], near 0 for a model whose output ignores the input."""
