@@ -139,6 +139,23 @@ def test_export_from_zeros(tiny_model_dir, tmp_path):
     assert 0.05 < meta["sparsity"] < 0.5
 
 
+def test_results_configs_parse_with_the_cli(tiny_model_dir, tmp_path):
+    """Every scripts/run_results.py configuration is a prune command line the CLI accepts (options resolved and
+    the CAPConfig built) with the method and CAP flag its label names, and every pair joins known configurations."""
+    rr = load_script("run_results")
+    for name, (label, flags) in rr.CONFIGS.items():
+        args = cli.parse_args(["prune", "--task", "sst2", *flags, "--model", str(tiny_model_dir), "--teacher",
+                               str(tiny_model_dir), "--max-steps", "10", "--output-dir", str(tmp_path / name)])
+        assert args.method == flags[flags.index("--method") + 1], name
+        assert bool(args.cap) == ("--cap" in flags) == label.startswith("CAP"), (name, label)
+    for baseline, candidate in rr.PAIRS:
+        assert baseline in rr.CONFIGS and candidate in rr.CONFIGS, (baseline, candidate)
+    assert set(rr.DEFAULT_CONFIGS) <= set(rr.CONFIGS)
+    soft = cli.parse_args(["prune", "--task", "sst2", *rr.CONFIGS["soft-90"][1], "--model", str(tiny_model_dir),
+                           "--max-steps", "10", "--output-dir", str(tmp_path / "s")])
+    assert soft.cap_options == {"score_lr": 0.1, "soft_lambda_final": 800.0}
+
+
 def test_results_collect_tables_and_plot(tmp_path):
     """scripts/run_results.py collect: mean/std per configuration, paired CAP - baseline, CSV/JSON/PNG."""
     rr = load_script("run_results")
