@@ -32,6 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # name -> (label, prune flags); the teacher is "dense"
+def _soft_config(cap: bool, lam: int, score_lr: float = 0.1):
+    """A soft-movement results row: its sparsity is set by the L1 weight ``lam`` at score learning rate ``score_lr``."""
+    label = f"{'CAP-soft' if cap else 'soft movement'} (score lr {score_lr:g}, lambda {lam})"
+    return label, ["--method", "soft-movement", "--cap" if cap else "--no-cap", "--cap-option", f"score_lr={score_lr:g}",
+                   "--cap-option", f"soft_lambda_final={lam}"]
+
+
 CONFIGS = {
     "movement-90": ("movement", ["--method", "movement", "--no-cap", "--sparsity", "0.9"]),
     "capm-90": ("CAP-m", ["--method", "movement", "--cap", "--sparsity", "0.9"]),
@@ -74,23 +81,13 @@ CONFIGS = {
     "capsoft": ("CAP-soft", ["--method", "soft-movement", "--cap"]),
     # soft movement near 90% at the 600-step budget: the score lr and L1 weight calibrated on SST-2 seed 0
     # (score lr 1e-2 reaches 14% whatever the L1 weight; at 1e-1, lambda 190 / 1000 / 4000 reach 64 / 93 / 99%)
-    "soft-90": ("soft movement (score lr 0.1, lambda 800)",
-                ["--method", "soft-movement", "--no-cap", "--cap-option", "score_lr=0.1",
-                 "--cap-option", "soft_lambda_final=800"]),
+    "soft-90": _soft_config(cap=False, lam=800),
     # CAP's terms hold more weights at the same L1 weight (lambda 800: 84.8% on seed 0), so CAP-soft gets a larger one
-    "capsoft-90": ("CAP-soft (score lr 0.1, lambda 1300)",
-                   ["--method", "soft-movement", "--cap", "--cap-option", "score_lr=0.1",
-                    "--cap-option", "soft_lambda_final=1300"]),
+    "capsoft-90": _soft_config(cap=True, lam=1300),
     # near 97%: lambda from the same calibration (4000 reached 98.7% for soft movement on seed 0)
-    "soft-97": ("soft movement (score lr 0.1, lambda 2500)",
-                ["--method", "soft-movement", "--no-cap", "--cap-option", "score_lr=0.1",
-                 "--cap-option", "soft_lambda_final=2500"]),
-    "capsoft-97": ("CAP-soft (score lr 0.1, lambda 4000)",
-                   ["--method", "soft-movement", "--cap", "--cap-option", "score_lr=0.1",
-                    "--cap-option", "soft_lambda_final=4000"]),
-    "capsoft-lam800": ("CAP-soft (score lr 0.1, lambda 800)",
-                       ["--method", "soft-movement", "--cap", "--cap-option", "score_lr=0.1",
-                        "--cap-option", "soft_lambda_final=800"]),
+    "soft-97": _soft_config(cap=False, lam=2500),
+    "capsoft-97": _soft_config(cap=True, lam=4000),
+    "capsoft-lam800": _soft_config(cap=True, lam=800),
 }
 DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "magnitude-90", "capmag-90",
                    "movement-official-90", "capm-official-90", "block-90", "capblock-90", "soft-90", "capsoft-90"]
