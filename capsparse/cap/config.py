@@ -10,6 +10,7 @@ from ..layout import check_sparsity, normalize_block_size
 from ..ops.contrastive import NORMALIZATIONS
 from ..pruning.pruners import BLOCK_SCORE_MODES, SCORE_CRITERIA, SCORE_INIT_MODES
 from ..pruning.schedule import SCHEDULE_UNITS
+from .query_head import QUERY_HEADS
 from .score_objective import SCORE_OBJECTIVES
 
 METHODS = ("magnitude", "movement", "soft-movement", "block-movement", "first-order")
@@ -81,6 +82,9 @@ class CAPConfig:
         representation: "cls" (default: the last encoder layer's ``[CLS]`` vector; measured better than the
             pooler at short budgets, docs/results.md), "pooler" (official GLUE; the query after the classifier
             dropout), "mean".
+        query_head: what the query passes through before the contrastive loss: "none" (default, official: the
+            representation itself) or "linear" (a trainable linear map starting at the identity, as CRD's embedding
+            head; training-only, in ``cap_state.pt``, never exported; clipped at ``max_grad_norm`` on its own).
         contrastive_phase: when the contrastive terms apply: "all" (default; every step, official) or "pruning"
             (until the cubic schedule reaches its final mask; the final-mask steps train on CE + KD only and take
             no more snapshots). Methods with a cubic schedule only (not "first-order").
@@ -135,6 +139,7 @@ class CAPConfig:
     normalization: str = "official"
     n_extra_keys: int = 4096
     representation: str = "cls"
+    query_head: str = "none"
     contrastive_phase: str = "all"
     bank_dtype: str = "float32"
     bank_device: str = "auto"
@@ -166,6 +171,10 @@ class CAPConfig:
         choice("score_criterion", SCORE_CRITERIA)
         choice("score_objective", SCORE_OBJECTIVES)
         choice("contrastive_phase", CONTRASTIVE_PHASES)
+        choice("query_head", QUERY_HEADS)
+        if self.query_head != "none" and not self.use_cap:
+            raise ValueError(f"query_head: {self.query_head!r} maps the contrastive query, but use_cap=False has no "
+                             f"contrastive terms; expected 'none'")
         if self.contrastive_phase == "pruning" and (self.method == "first-order" or not self.use_cap):
             raise ValueError(f"contrastive_phase: 'pruning' ends the contrastive terms at the cubic schedule's final "
                              f"mask, but method={self.method!r} with use_cap={self.use_cap} has "

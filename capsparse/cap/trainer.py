@@ -33,6 +33,7 @@ from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
 from .heads import check_teacher, is_qa_model, task_head  # noqa: F401  (is_qa_model: re-exported)
 from .losses import RepresentationTap, cap_objective
+from .query_head import average_head_grads, build_query_head
 from .score_objective import TaskScoreGradients
 
 CAP_STATE_NAME = "cap_state.pt"
@@ -55,9 +56,11 @@ class _CAPCallback(TrainerCallback):
         self.trainer.pruning.step_begin(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.pruning.before_optimizer_step()
+        self.trainer._before_optimizer_step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.query_head is not None:  # Trainer zeroes the model's gradients only
+            self.trainer.query_head.zero_grad(set_to_none=True)
         # masks for the next step's forwards (official: the scheduled value at global_step, at each forward)
         self.trainer.pruning.step(state.global_step + 1)
 
@@ -153,6 +156,8 @@ class CAPTrainer(transformers.Trainer):
         if cfg.embeddings_frozen:
             freeze_embeddings(model)
         self.tap = RepresentationTap(model)
+        # training-only, beside the model (never exported): optimizer, cap_state.pt, grads averaged by hand
+        self.query_head = build_query_head(cfg.query_head, model.config.hidden_size) if cfg.use_cap else None
 
         if data_collator is None:
             data_collator = (transformers.DataCollatorWithPadding(processing_class) if processing_class is not None
@@ -248,6 +253,8 @@ class CAPTrainer(transformers.Trainer):
         use_contrastive = use_contrastive and self._contrast_on()
         if cfg.use_cap and use_contrastive and self.banks is not None and self.banks.ready():
             query = self.tap.representation(cfg.representation, attention_mask, query=True)
+            if self.query_head is not None:
+                query = self.query_head(query)
         reg = self.pruning.regularization()
         return cap_objective(cfg, logits, labels, ids, query, banks=self.banks if query is not None else None,
                              teacher_logits=teacher_logits, contrastive_labels=self.head.contrastive_labels(labels),
@@ -298,6 +305,8 @@ class CAPTrainer(transformers.Trainer):
                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
         if scores:
             groups.append({"params": scores, "lr": self.cap_config.score_lr, "weight_decay": 0.0})
+        if self.query_head is not None:  # last: earlier checkpoints' group order stays valid
+            groups.append({"params": list(self.query_head.to(self.args.device).parameters()), "weight_decay": 0.0})
         groups = [g for g in groups if g["params"]]
         cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = cls(groups, **kwargs)
@@ -324,6 +333,13 @@ class CAPTrainer(transformers.Trainer):
         if not self._restored:
             self._build_banks(state)
         self.pruning.step(state.global_step)  # the first masks
+
+    def _before_optimizer_step(self):
+        if self.query_head is not None:  # outside the model: Trainer neither syncs nor clips it
+            average_head_grads(self.query_head)
+            if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.query_head.parameters(), self.args.max_grad_norm)
+        self.pruning.before_optimizer_step()
 
     def _bank_reps(self, state) -> dict:
         cfg = self.cap_config
@@ -514,7 +530,9 @@ class CAPTrainer(transformers.Trainer):
         return {"config": self.cap_config.to_dict(),
                 "banks": None if self.banks is None else self.banks.state_dict(),
                 "bank_reps": None if self.banks is None else {n: b.max_reps for n, b in self.banks.banks.items()},
-                "snapshot_epochs": sorted(self.snapshot_epochs), **self.pruning.state_dict()}
+                "snapshot_epochs": sorted(self.snapshot_epochs),
+                "query_head": None if self.query_head is None else self.query_head.state_dict(),
+                **self.pruning.state_dict()}
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         """As ``Trainer.save_model``: a Hugging Face directory holding the pruned model (each SparseLinear's masked
@@ -558,6 +576,13 @@ class CAPTrainer(transformers.Trainer):
             if os.path.isfile(rng):
                 self.banks.generator.set_state(torch.load(rng, weights_only=True))
         self.snapshot_epochs = set(state["snapshot_epochs"])
+        head = state.get("query_head")
+        if (head is None) != (self.query_head is None):
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} was saved with "
+                             f"{'no' if head is None else 'a'} query head, but query_head="
+                             f"{self.cap_config.query_head!r}; expected the checkpoint's setting")
+        if head is not None:
+            self.query_head.load_state_dict(head)
         self.pruning.load_state_dict(state)
         self._restored = True
 

@@ -1,0 +1,62 @@
+"""query_head="linear": a trainable map on the contrastive query, identity at the start, beside the model."""
+import pytest
+import torch
+
+from _tiny import tiny_args, tiny_bert, tiny_cap_config, tiny_dataset
+from capsparse.cap import CAPConfig
+from capsparse.cap.query_head import LinearQueryHead, build_query_head
+from capsparse.cap.trainer import CAP_STATE_NAME, CAPTrainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _trainer(out, head="linear", max_steps=8, **args):
+    cfg = tiny_cap_config(target_sparsity=0.5, w_s=1.0, query_head=head)
+    return CAPTrainer(tiny_bert(), tiny_args(out, max_steps=max_steps, **args), cfg, tiny_dataset(32),
+                      teacher=tiny_bert(seed=1))
+
+
+def test_head_starts_at_the_identity():
+    head = LinearQueryHead(6)
+    q = torch.randn(4, 6)
+    torch.testing.assert_close(head(q), q)
+    assert build_query_head("none", 6) is None
+
+
+def test_head_trains_and_changes_the_run_but_not_the_model_keys(tmp_path):
+    mapped = _trainer(tmp_path / "linear")
+    mapped.train()
+    head = mapped.query_head
+    assert head is not None
+    assert not torch.allclose(head.weight, torch.eye(head.weight.shape[0]))  # it learned
+    assert any(p is head.weight for g in mapped.optimizer.param_groups for p in g["params"])
+    plain = _trainer(tmp_path / "none", head="none")
+    plain.train()
+    assert plain.query_head is None
+    a, b = mapped.model.state_dict(), plain.model.state_dict()
+    assert a.keys() == b.keys()  # training-only: nothing of the head is in the model
+    assert any(not torch.allclose(a[k], b[k]) for k in a if k.endswith("weight"))  # the contrast went through it
+
+
+def test_resume_restores_the_head(tmp_path):
+    full = _trainer(tmp_path / "a", max_steps=12, save_strategy="steps", save_steps=6)
+    full.train()
+    ckpt = tmp_path / "a" / "checkpoint-6"
+    state = torch.load(ckpt / CAP_STATE_NAME, weights_only=True)
+    assert state["query_head"] is not None
+    resumed = _trainer(tmp_path / "b", max_steps=12, save_strategy="steps", save_steps=6)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    torch.testing.assert_close(resumed.query_head.weight, full.query_head.weight, rtol=1e-5, atol=1e-6)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    other = _trainer(tmp_path / "c", head="none", max_steps=12)
+    with pytest.raises(ValueError, match="query head.*query_head='none'"):
+        other.train(resume_from_checkpoint=str(ckpt))
+
+
+def test_bad_query_head_is_refused():
+    with pytest.raises(ValueError, match="query_head.*'none'.*'linear'.*'mlp'"):
+        CAPConfig(query_head="mlp")
+    with pytest.raises(ValueError, match="query_head.*use_cap=False"):
+        CAPConfig(query_head="linear", use_cap=False)
