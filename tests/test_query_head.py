@@ -60,3 +60,30 @@ def test_bad_query_head_is_refused():
         CAPConfig(query_head="mlp")
     with pytest.raises(ValueError, match="query_head.*use_cap=False"):
         CAPConfig(query_head="linear", use_cap=False)
+
+
+_AVERAGE = r'''
+import sys, torch, torch.distributed as dist
+from capsparse.cap.query_head import LinearQueryHead, average_head_grads
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+head = LinearQueryHead(3)
+for p in head.parameters():
+    p.grad = torch.full_like(p, float(rank + 1))  # ranks 0 and 1: grads 1 and 2
+average_head_grads(head)
+assert all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in head.parameters()), [p.grad for p in head.parameters()]
+dist.destroy_process_group()
+'''
+
+
+def test_head_gradients_are_averaged_over_processes(tmp_path):
+    """Under torchrun the head sits outside the DDP model, so its gradients are averaged by hand."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "average.py"
+    script.write_text(_AVERAGE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29541", str(script)], env=env, timeout=120, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
