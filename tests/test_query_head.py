@@ -63,7 +63,8 @@ def test_bad_query_head_is_refused():
 
 
 _AVERAGE = r'''
-import sys, torch, torch.distributed as dist
+import torch
+import torch.distributed as dist
 from capsparse.cap.query_head import LinearQueryHead, average_head_grads
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -34,9 +34,7 @@ class LinearQueryHead(nn.Linear):
 
 
 def build_query_head(kind: str, hidden_size: int):
-    """The head that ``CAPConfig.query_head`` names, or ``None`` for ``"none"``."""
-    if kind not in QUERY_HEADS:
-        raise ValueError(f"query_head: expected one of {QUERY_HEADS}, got {kind!r}")
+    """The head that ``CAPConfig.query_head`` (validated there) names, or ``None`` for ``"none"``."""
     return LinearQueryHead(hidden_size) if kind == "linear" else None
 
 

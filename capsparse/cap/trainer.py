@@ -157,7 +157,7 @@ class CAPTrainer(transformers.Trainer):
             freeze_embeddings(model)
         self.tap = RepresentationTap(model)
         # training-only, beside the model (never exported): optimizer, cap_state.pt, grads averaged by hand
-        self.query_head = build_query_head(cfg.query_head, model.config.hidden_size) if cfg.use_cap else None
+        self.query_head = build_query_head(cfg.query_head, model.config.hidden_size)  # config: none without CAP
 
         if data_collator is None:
             data_collator = (transformers.DataCollatorWithPadding(processing_class) if processing_class is not None
