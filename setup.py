@@ -142,12 +142,8 @@ def _extensions():
 
 def main():
     ext_modules, cmdclass = _extensions()
-    kernel_packages = ["capsparse.kernels"] + [
-        "capsparse.kernels." + os.path.relpath(d, "kernels").replace(os.sep, ".")
-        for d in sorted(glob.glob("kernels/*/")) if os.path.exists(os.path.join(d, "__init__.py"))]
     setup(
-        packages=[*find_packages(include=["capsparse", "capsparse.*"]), *kernel_packages],
-        package_dir={"capsparse": "capsparse", "capsparse.kernels": "kernels"},
+        packages=find_packages(include=["capsparse", "capsparse.*"]),
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROOTS = ["capsparse", "docs", "benchmarks", "scripts", "tests", "csrc", "kernels", "README.md", "pyproject.toml",
+ROOTS = ["capsparse", "docs", "benchmarks", "scripts", "tests", "csrc", "README.md", "pyproject.toml",
          "setup.py"]
 SUFFIXES = {".py", ".md", ".json", ".csv", ".txt", ".toml", ".cpp", ".h", ".cu", ".cfg", ".yaml", ".yml", ""}
 # home and scratch directories of the machines this project has run on

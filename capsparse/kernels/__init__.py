@@ -6,7 +6,9 @@ Submodules (import them explicitly; importing this package does not import trito
 * ``contrastive``    fused CAP contrastive loss (online log-sum-exp, split over the keys)
 
 ``capsparse.backends.triton`` is their only caller (it also holds the dense fallback below the
-crossover sparsity). This directory must only ever be imported as ``capsparse.kernels``.
+crossover sparsity). It lives inside the package: a top-level ``kernels/`` directory was shadowed by, and
+shadowed, Hugging Face's ``kernels`` package (a transformers dependency) whenever the repository root was on
+``sys.path``.
 """
 
 __all__ = ["block_sparse", "contrastive"]
