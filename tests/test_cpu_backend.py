@@ -236,6 +236,55 @@ def test_bsl_thread_count_independent(threads, bm, bk):
                 assert torch.equal(a, c)
 
 
+
+@pytest.fixture
+def default_tuning():
+    """Restore the automatic kernel tuning after a test that changes it."""
+    yield
+    cpu.set_tuning()
+
+
+@pytest.mark.parametrize("bm,bk", [(32, 32), (64, 64), (32, 16), (16, 32), (64, 32)])
+def test_bsl_strip_width_does_not_change_results(default_tuning, monkeypatch, bm, bk):
+    """The wide 32-column weight strip (AVX-512 builds) and the 16-column one run the same multiply-add
+    chains in the same order: forward, dX and dW agree bitwise, through the op and through SparseLinear."""
+    from capsparse.nn import SparseLinear
+
+    monkeypatch.setenv("CAPSPARSE_CPU_DENSE_ABOVE", "1.01")  # the sparse kernels at every density
+    gen = torch.Generator().manual_seed(bm + 3 * bk)
+    n, k = 192, 128
+    bitmap = make_bitmap(n // bm, k // bk, 0.4, gen, holes=True)
+    md = meta(bitmap)
+    w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    x, gy = torch.randn(53, k, generator=gen), torch.randn(53, n, generator=gen)
+    layer = SparseLinear(k, n, block_size=(bm, bk))
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+        layer.set_mask(bitmap)
+
+    def run():
+        ops = (cpu.bsl_forward(x, w, b, md["row_ptr"], md["row_cols"], bm, bk),
+               cpu.bsl_grad_input(gy, w, md["col_ptr"], md["col_rows"], bm, bk),
+               cpu.bsl_grad_weight(gy, x, md["block_rows"], md["block_cols"], md["nnz"], bm, bk))
+        layer.zero_grad()
+        xr = x.clone().requires_grad_()
+        layer(xr).backward(gy)
+        return ops + (xr.grad, layer.weight.grad)
+
+    cpu.set_tuning(strip=16)
+    narrow = run()
+    cpu.set_tuning(strip=0)
+    automatic = run()
+    for a, c in zip(narrow, automatic):
+        assert torch.equal(a, c)
+
+
+def test_set_tuning_rejects_a_bad_strip_width(default_tuning):
+    with pytest.raises(RuntimeError, match="strip must be 0"):
+        cpu.set_tuning(strip=24)
+
+
 def test_masked_linear_forward():
     x, w, b = torch.randn(9, 16), torch.randn(8, 16), torch.randn(8)
     assert torch.equal(cpu.masked_linear_forward(x, w, b), F.linear(x, w, b))
@@ -267,6 +316,37 @@ def test_csr_linear_fp32_against_fp64_reference(n, k, density, t):
     tol_check(y, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b))
     assert torch.equal(cpu.csr_linear_reference(torch.eye(k), csr).t(), w)  # the reference rebuilds W exactly
     tol_check(cpu.csr_linear(x, csr), F.linear(x.double(), w.double()), F.linear(x, w))  # no bias
+
+
+@pytest.fixture
+def default_csr_tuning():
+    yield
+    cpu.set_csr_tuning()
+
+
+@pytest.mark.parametrize("n,k,t", [(384, 1536, 77), (1536, 384, 130), (37, 100, 5), (130, 48, 64)])
+def test_csr_linear_tuning_does_not_change_results(default_csr_tuning, n, k, t):
+    """Token tile, column chunk and rows-at-a-time only reorder independent work: every output element is
+    the same multiply-add chain in CSR order, so the results agree bitwise (several chunks included)."""
+    gen = torch.Generator().manual_seed(n + k + t)
+    w, b = sparse_weight(n, k, 0.1, gen), torch.randn(n, generator=gen)
+    x = torch.randn(t, k, generator=gen)
+    csr = cpu.csr_from_dense(w)
+    cpu.set_csr_tuning(64, 48 << 10, 1)
+    base = cpu.csr_linear(x, csr, b)
+    tol_check(base, F.linear(x.double(), w.double(), b.double()), F.linear(x, w, b))
+    for tile, chunk, rows in itertools.product((32, 64, 128), (0, 2 << 10, 24 << 10), (0, 1, 2, 4)):
+        cpu.set_csr_tuning(tile, chunk, rows)
+        assert torch.equal(cpu.csr_linear(x, csr, b), base), (tile, chunk, rows)
+
+
+def test_set_csr_tuning_rejects_bad_values(default_csr_tuning):
+    with pytest.raises(RuntimeError, match="tile must be"):
+        cpu.set_csr_tuning(tile=48)
+    with pytest.raises(RuntimeError, match="rows must be"):
+        cpu.set_csr_tuning(rows=3)
+    with pytest.raises(RuntimeError, match="chunk_bytes must be"):
+        cpu.set_csr_tuning(chunk_bytes=-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -286,10 +286,17 @@ def allocator_state() -> Dict[str, object]:
     return dict(_ALLOCATOR) if _ALLOCATOR else {"applied": False}
 
 
-def set_tuning(token_tile: int = 0, dw_chunk: int = 0, order: int = 0) -> None:
+def set_tuning(token_tile: int = 0, dw_chunk: int = 0, order: int = 0, strip: int = 0) -> None:
     """Token tile and loop order (1 weight-strip outer, 2 token-row outer) of the forward/dX
-    kernels and token chunk of dW; 0 = automatic. For benchmarks and tuning."""
-    _C().set_tuning(int(token_tile), int(dw_chunk), int(order))
+    kernels, token chunk of dW, and the packed weight's strip width (16, or 32 on AVX-512 builds
+    where it divides the block); 0 = automatic. For benchmarks and tuning."""
+    _C().set_tuning(int(token_tile), int(dw_chunk), int(order), int(strip))
+
+
+def set_csr_tuning(tile: int = 0, chunk_bytes: int = 0, rows: int = 0) -> None:
+    """The CSR kernel's token tile (32, 64 or 128), bytes of transposed input per column chunk, and output
+    rows advanced together (1, 2 or 4); 0 = automatic. Results do not depend on them. For benchmarks and tuning."""
+    _C().set_csr_tile(int(tile), int(chunk_bytes), int(rows))
 
 
 def dropout(x, p: float, seed):

@@ -1,6 +1,7 @@
 // Block-sparse linear on the CPU: forward over block-rows, dX over block-columns, dW on kept blocks.
 //
-// fp32 with bm, bk multiples of 16 takes the packed, register-blocked path (simd.h); every other
+// fp32 with bm, bk multiples of 16 takes the packed, register-blocked path (simd.h; on AVX-512 builds
+// with 32-column weight strips where 32 divides the block, which halves the loads per multiply-add); every other
 // case (fp64, odd block sizes) takes a plain templated path. fp16/bf16 are computed in fp32.
 // Each output element is produced by exactly one thread with a fixed summation order, so results
 // are bitwise independent of the number of threads.
@@ -20,18 +21,26 @@ namespace capsparse {
 static int64_t g_token_tile = 0;  // 0 = automatic
 static int64_t g_dw_chunk = 0;
 static int64_t g_order = 0;  // 0 automatic, 1 weight-strip outer, 2 token-micro-row outer
+static int64_t g_strip = 0;  // 0 automatic (NRW where it divides the block), NR: always the narrow strip
 
-void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order) {
+void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order, int64_t strip) {
+  TORCH_CHECK(strip == 0 || strip == NR || strip == NRW, "set_tuning: strip must be 0 (automatic), ", NR, " or ",
+              NRW, ", got ", strip);
   g_token_tile = token_tile;
   g_dw_chunk = dw_chunk;
   g_order = order;
+  g_strip = strip;
 }
 
 std::string simd_info() {
-  return std::string(kSimd) + " mr=" + std::to_string(MRMAX) + " nr=" + std::to_string(NR);
+  return std::string(kSimd) + " mr=" + std::to_string(MRMAX) + " nr=" + std::to_string(NR) +
+         (NRW != NR ? "/" + std::to_string(NRW) : std::string());
 }
 
 namespace {
+
+// columns per packed weight strip for output blocks `wd` wide: the wide strip where it divides them
+int64_t strip_width(int64_t wd) { return g_strip != NR && wd % NRW == 0 ? NRW : NR; }
 
 struct AlignedBuf {
   float* p = nullptr;
@@ -80,7 +89,7 @@ void pack_rows(const float* X, int64_t ld, int64_t rows, int64_t K, float* Ap) {
 // fp32 fast path: Y[T, nOut*Wd] = for each output block o: sum_{q in ptr[o]..} A[:, idx[q] block] @ Bp
 // Used for the forward (o = block-row, inner block L = bk, width Wd = bm) and for dX
 // (o = block-column, L = bm, Wd = bk). Bp holds, for output block o, strips of 16 columns:
-// Bp[ptr[o]*L*Wd + s*nb*L*16 + q*L*16 + p*16 + v]. AVX2 builds copy each micro-row of MR tokens,
+// Bp[ptr[o]*L*Wd + s*nb*L*SW + q*L*SW + p*SW + v], SW = strip_width(Wd). AVX2 builds copy each micro-row of MR tokens,
 // restricted to the input blocks some kept block reads, into an interleaved panel (pack_rows): the
 // micro-kernel's MR broadcasts then read one contiguous run instead of MR rows a Kin stride apart
 // (rows 3072 floats apart share one L1 set). AVX-512 builds read X in place, as they were tuned.
@@ -128,8 +137,9 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
   // row-outer was as fast or faster up to 4.5 MB packed (BERT-base shapes, densities 0.1-0.5, 1 and 2 threads)
   const int64_t row_outer_max = MRMAX <= 6 ? (int64_t)8 << 20 : (int64_t)512 << 10;
   const bool row_outer = g_order == 2 || (g_order == 0 && packed_bytes <= row_outer_max);
-  const ukr_fn kern = ukr_for(MR);
-  const int64_t nstrips = Wd / NR;
+  const int64_t SW = strip_width(Wd);
+  const ukr_fn kern = ukr_for(MR, (int)SW);
+  const int64_t nstrips = Wd / SW;
   // packed panels: the input blocks read (`used`, ascending) and idx remapped to their panel positions
   const bool pack = MRMAX <= 6;
   std::vector<int32_t> used, pidx;
@@ -150,7 +160,7 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
   {
     AlignedBuf edge(pack ? 1 : MR * Kin);  // zero-padded copy of a partial last micro-row (in-place path)
     AlignedBuf ap(pack ? ((MT + MR - 1) / MR) * pstride + 8 : 1);  // + pack_rows' slack
-    alignas(64) float tmp[MRMAX * NR];
+    alignas(64) float tmp[MRMAX * NRW];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < nitems; ++w) {
       const int64_t tile = w / ngroups, g = w % ngroups;
@@ -170,22 +180,22 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
       auto tile_op = [&](int64_t o, int64_t s, int64_t mi) {
         const int64_t nb = ptr[o + 1] - ptr[o];
         const int32_t* ix = (pack ? pidx.data() : idx) + ptr[o];
-        const float* strip = Bp + (int64_t)ptr[o] * L * Wd + s * nb * L * NR;
-        const float* init = bias ? bias + o * Wd + s * NR : nullptr;
+        const float* strip = Bp + (int64_t)ptr[o] * L * Wd + s * nb * L * SW;
+        const float* init = bias ? bias + o * Wd + s * SW : nullptr;
         const int mode = bias ? 2 : 0;
         const int64_t rows = std::min<int64_t>(MR, mt - mi * MR);
-        float* c = Y + (t0 + mi * MR) * Nout + o * Wd + s * NR;
+        float* c = Y + (t0 + mi * MR) * Nout + o * Wd + s * SW;
         // A[idx*a_blk + p*lda + i*a_row]: packed panel, or X in place (edge copy for a partial micro-row)
         const float* a = pack ? ap.p + mi * pstride : rows == MR ? X + (t0 + mi * MR) * Kin : edge.p;
         const int64_t a_blk = pack ? L * MR : L, lda = pack ? MR : 1, a_row = pack ? 1 : Kin;
-        if (rows == MR && pack) {
+        if (rows == MR && pack && SW == NR) {
           // inlined with the packed strides known: at 97% most tiles reduce over 0-2 blocks, call overhead counts
           ukr<MRMAX>(nb, ix, L, a, L * MRMAX, MRMAX, 1, strip, L * NR, NR, c, Nout, mode, init);
         } else if (rows == MR) {
-          kern(nb, ix, L, a, a_blk, lda, a_row, strip, L * NR, NR, c, Nout, mode, init);
+          kern(nb, ix, L, a, a_blk, lda, a_row, strip, L * SW, SW, c, Nout, mode, init);
         } else {
-          kern(nb, ix, L, a, a_blk, lda, a_row, strip, L * NR, NR, tmp, NR, mode, init);
-          for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * Nout, tmp + i * NR, NR * sizeof(float));
+          kern(nb, ix, L, a, a_blk, lda, a_row, strip, L * SW, SW, tmp, SW, mode, init);
+          for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * Nout, tmp + i * SW, SW * sizeof(float));
         }
       };
       if (row_outer) {
@@ -312,18 +322,19 @@ at::Tensor bsl_forward(const at::Tensor& x, const at::Tensor& weight, const std:
     const float* W = weight.data_ptr<float>();
     const int64_t nnz = rp[R];
     AlignedBuf bp(std::max<int64_t>(nnz, 1) * bm * bk);
-    // pack the kept blocks of each block-row into 16-column strips, k-major
+    // pack the kept blocks of each block-row into strips of SW columns, k-major
+    const int64_t SW = strip_width(bm);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
     for (int64_t r = 0; r < R; ++r) {
       const int64_t nb = rp[r + 1] - rp[r];
-      for (int64_t s = 0; s < bm / NR; ++s) {
-        float* strip = bp.p + (int64_t)rp[r] * bm * bk + s * nb * bk * NR;
+      for (int64_t s = 0; s < bm / SW; ++s) {
+        float* strip = bp.p + (int64_t)rp[r] * bm * bk + s * nb * bk * SW;
         for (int64_t q = 0; q < nb; ++q) {
           const int64_t c0 = (int64_t)rc[rp[r] + q] * bk;
-          for (int64_t v = 0; v < NR; ++v) {
-            const float* src = W + (r * bm + s * NR + v) * K + c0;
-            float* dst = strip + q * bk * NR + v;
-            for (int64_t kk = 0; kk < bk; ++kk) dst[kk * NR] = src[kk];
+          for (int64_t v = 0; v < SW; ++v) {
+            const float* src = W + (r * bm + s * SW + v) * K + c0;
+            float* dst = strip + q * bk * SW + v;
+            for (int64_t kk = 0; kk < bk; ++kk) dst[kk * SW] = src[kk];
           }
         }
       }
@@ -365,15 +376,16 @@ at::Tensor bsl_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, co
     const float* W = weight.data_ptr<float>();
     const int64_t nnz = cp[C];
     AlignedBuf bp(std::max<int64_t>(nnz, 1) * bm * bk);
+    const int64_t SW = strip_width(bk);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads())
     for (int64_t c = 0; c < C; ++c) {
       const int64_t nb = cp[c + 1] - cp[c];
-      for (int64_t s = 0; s < bk / NR; ++s) {
-        float* strip = bp.p + (int64_t)cp[c] * bm * bk + s * nb * bm * NR;
+      for (int64_t s = 0; s < bk / SW; ++s) {
+        float* strip = bp.p + (int64_t)cp[c] * bm * bk + s * nb * bm * SW;
         for (int64_t q = 0; q < nb; ++q) {
           const int64_t r0 = (int64_t)cr[cp[c] + q] * bm;
           for (int64_t n = 0; n < bm; ++n)
-            std::memcpy(strip + (q * bm + n) * NR, W + (r0 + n) * K + c * bk + s * NR, NR * sizeof(float));
+            std::memcpy(strip + (q * bm + n) * SW, W + (r0 + n) * K + c * bk + s * SW, SW * sizeof(float));
         }
       }
     }
@@ -427,7 +439,8 @@ at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const 
     int64_t Tc = g_dw_chunk > 0 ? g_dw_chunk : (MRMAX <= 6 ? 64 : 256);
     const int32_t zero = 0;
     const int nthreads = 2.0 * (double)T * (double)nnz * (double)(bm * bk) < 4e6 ? 1 : num_threads();
-    const int64_t nstrips = bk / NR;
+    const int64_t SW = strip_width(bk);
+    const int64_t nstrips = bk / SW;
     // Each thread owns a fixed contiguous range of kept blocks (split by count, row-major order), so every block
     // accumulates its token chunks in order on one thread, with no barrier per chunk. Per chunk the operands are
     // copied into contiguous panels: X[chunk, block column] for the block columns the thread's blocks read
@@ -463,8 +476,8 @@ at::Tensor bsl_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const 
           for (int64_t s = 0; s < nstrips; ++s)
             for (int64_t i0 = 0; i0 < bm; i0 += MRMAX) {
               const int mr = (int)std::min<int64_t>(MRMAX, bm - i0);
-              ukr_for(mr)(1, &zero, tc, pg.p + i0, 0, bm, 1, xq + s * NR, 0, bk, gq + i0 * ldw + s * NR, ldw, mode,
-                          nullptr);
+              ukr_for(mr, (int)SW)(1, &zero, tc, pg.p + i0, 0, bm, 1, xq + s * SW, 0, bk, gq + i0 * ldw + s * SW, ldw,
+                                   mode, nullptr);
             }
         }
       }

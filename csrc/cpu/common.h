@@ -27,7 +27,8 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::
 at::Tensor dropout_apply(const at::Tensor& x, double p, const at::Tensor& seed);
 
 // Tuning knobs (token tile, dW token chunk); 0 = automatic.
-void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order);
+void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order, int64_t strip);
+void set_csr_tile(int64_t tile, int64_t chunk_bytes, int64_t rows);
 std::string simd_info();
 
 }  // namespace capsparse
