@@ -74,6 +74,10 @@ CONFIGS = {
                                                           "--cap-option", "w_hidden=5"]),
     "capm-ld-90": ("CAP-m + layer distillation", ["--method", "movement", "--cap", "--sparsity", "0.9",
                                                   "--cap-option", "w_hidden=5"]),
+    "movement-ld-97": ("movement + layer distillation", ["--method", "movement", "--no-cap", "--sparsity", "0.97",
+                                                          "--cap-option", "w_hidden=5"]),
+    "capm-ld-97": ("CAP-m + layer distillation", ["--method", "movement", "--cap", "--sparsity", "0.97",
+                                                  "--cap-option", "w_hidden=5"]),
     # CAP-m with a trainable linear map on the contrastive query (query_head=linear, off in the recipe)
     "capm-qh-90": ("CAP-m, linear query head", ["--method", "movement", "--cap", "--sparsity", "0.9",
                                                  "--cap-option", "query_head=linear"]),
@@ -99,7 +103,8 @@ DEFAULT_CONFIGS = ["movement-90", "capm-90", "movement-97", "capm-97", "magnitud
 PAIRS = [("movement-90", "capm-90"), ("movement-70", "capm-70"), ("movement-97", "capm-97"), ("movement-official-90", "capm-official-90"),
          ("saliency-90", "capsal-90"), ("saliency-97", "capsal-97"),
          ("block-90", "capblock-90"), ("movement-90", "movement-ld-90"), ("capm-90", "capm-ld-90"),
-         ("movement-ld-90", "capm-ld-90"), ("block-90", "block-90-sampled"),
+         ("movement-ld-90", "capm-ld-90"), ("movement-97", "movement-ld-97"), ("capm-97", "capm-ld-97"),
+         ("movement-ld-97", "capm-ld-97"), ("block-90", "block-90-sampled"),
          ("soft", "capsoft"), ("soft-90", "capsoft-90"), ("soft-90", "capsoft-lam800"), ("soft-97", "capsoft-97"), ("magnitude-90", "capmag-90"),
          ("movement-90", "capm-qh-90"), ("movement-97", "capm-qh-97")]
 
