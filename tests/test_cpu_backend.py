@@ -280,6 +280,21 @@ def test_bsl_strip_width_does_not_change_results(default_tuning, monkeypatch, bm
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("bm,bk", [(32, 32), (16, 32), (64, 64)])
+def test_bsl_grad_weight_token_chunk_does_not_change_results(default_tuning, bm, bk):
+    """dW's token chunk only decides where the running sums wait in memory: bitwise the same sums."""
+    gen = torch.Generator().manual_seed(5 * bm + bk)
+    n, k, t = 192, 128, 300
+    md = meta(make_bitmap(n // bm, k // bk, 0.3, gen, holes=True))
+    x, gy = torch.randn(t, k, generator=gen), torch.randn(t, n, generator=gen)
+    results = []
+    for chunk in (0, 64, 128, 256, 1000):
+        cpu.set_tuning(dw_chunk=chunk)
+        results.append(cpu.bsl_grad_weight(gy, x, md["block_rows"], md["block_cols"], md["nnz"], bm, bk))
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
 def test_set_tuning_rejects_a_bad_strip_width(default_tuning):
     with pytest.raises(RuntimeError, match="strip must be 0"):
         cpu.set_tuning(strip=24)
