@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .app.options import (BLOCK_SIZES, METHODS, RECIPE_NAMES, STUDENT_INITS, computed_defaults, describe_default,
                           resolve)
 from .app.options import OptionError as CLIError  # a user error: one line, exit status 2
+from .resources import TrainingStopped
 from .data import glue_task_names
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -468,6 +469,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"capsparse: error: {_one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # Ctrl-C / SIGTERM: checkpoint kept, nothing evaluated; 128 + the signal number
+        print(f"capsparse: {exc}", file=sys.stderr)
+        return exc.exit_code
     except RuntimeError as exc:  # the run itself failed (e.g. it missed its target sparsity): not an input error
         if debug:
             raise

@@ -101,6 +101,33 @@ class GracefulStop:
         return False
 
 
+class TrainingStopped(RuntimeError):
+    """Training was stopped by Ctrl-C or SIGTERM (:class:`GracefulStop`) before its last step. Its checkpoint is
+    kept for a resume; what follows a finished run (the target-sparsity check, evaluation, export, ``metrics.json``)
+    did not happen, so that a stopped run never reads as a finished one."""
+
+    def __init__(self, step: int, max_steps: int, signum: Optional[int], checkpoints: str):
+        self.step, self.max_steps, self.signum, self.checkpoints = step, max_steps, signum, checkpoints
+        name = signal.Signals(signum).name if signum else "a stop request"
+        super().__init__(f"stopped by {name} at step {step} of {max_steps}; checkpoint in {checkpoints}: resume "
+                         f"with the same command and --resume (Python: train(resume_from_checkpoint=True))")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by that signal (130 for Ctrl-C)."""
+        return 128 + int(self.signum or signal.SIGINT)
+
+
+def stop_requested(trainer) -> Optional[int]:
+    """The signal of a graceful stop requested during ``trainer.train()`` (a :class:`GracefulStopCallback` among
+    its callbacks), or None."""
+    for cb in trainer.callback_handler.callbacks:
+        stop = getattr(cb, "stop", None)
+        if isinstance(stop, GracefulStop) and stop.requested:
+            return stop.signal_received
+    return None
+
+
 def _make_callback_class():
     from transformers import TrainerCallback
 
@@ -133,4 +160,5 @@ def _make_callback_class():
 
 __getattr__ = lazy_callbacks(__name__, GracefulStopCallback=_make_callback_class)
 
-__all__ = ["available_ram", "available_gpu_memory", "GracefulStop", "GracefulStopCallback"]
+__all__ = ["available_ram", "available_gpu_memory", "GracefulStop", "GracefulStopCallback", "TrainingStopped",
+           "stop_requested"]

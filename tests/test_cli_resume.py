@@ -1,5 +1,6 @@
-"""`capsparse prune --save-steps N` / `--resume` through the CLI, in real processes: a run SIGKILLed after its first
-checkpoint and resumed with --resume ends with a compressed export byte-identical to an uninterrupted run's (every
+"""`capsparse prune --save-steps N` / `--resume` through the CLI, in real processes: a run SIGKILLed (or stopped by
+SIGTERM) after its first checkpoint and resumed with --resume ends with a compressed export byte-identical to an
+uninterrupted run's (every
 file; in model.safetensors the tensor bytes, and the header as parsed JSON: see _safetensors_parts); a
 rerun into a used run directory is refused (exit 2) and leaves it untouched; --overwrite replaces it whole."""
 from __future__ import annotations
@@ -77,22 +78,48 @@ def _files(directory: Path):
     return out
 
 
-def test_sigkill_then_resume_gives_the_same_export(tiny_dir, tmp_path):
-    whole = tmp_path / "whole"
-    proc = _run(_argv(tiny_dir, whole))
+@pytest.fixture(scope="module")
+def whole(tiny_dir, tmp_path_factory):
+    """An uninterrupted run: the export every interrupted-and-resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("resume") / "whole"
+    proc = _run(_argv(tiny_dir, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (whole / "trainer").exists()  # no empty Trainer directory left behind
+    assert not (out / "trainer").exists()  # no empty Trainer directory left behind
+    return out
 
-    killed = tmp_path / "killed"
-    child = subprocess.Popen(_argv(tiny_dir, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=_env())
-    manifest = killed / "checkpoints" / "checkpoint-4" / "manifest.json"
+
+def _start_and_signal_after_first_checkpoint(argv, out: Path, signum: int):
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+    manifest = out / "checkpoints" / "checkpoint-4" / "manifest.json"
     deadline = time.monotonic() + 240
     while not manifest.is_file() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.kill(child.pid, signal.SIGKILL)
-    child.communicate(timeout=60)
-    assert child.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    os.kill(child.pid, signum)
+    _, stderr = child.communicate(timeout=120)
+    return child.returncode, stderr
+
+
+def test_sigterm_stops_with_a_checkpoint_and_no_results_then_resume_finishes(tiny_dir, whole, tmp_path):
+    """SIGTERM (what a scheduler or `kill` sends) stops after the current step and a checkpoint: the run exits with
+    143, names the step and --resume, and leaves no metrics.json and no export, so that nothing reads it as a
+    finished run; --resume then finishes it with the uninterrupted run's export."""
+    stopped = tmp_path / "stopped"
+    code, stderr = _start_and_signal_after_first_checkpoint(_argv(tiny_dir, stopped), stopped, signal.SIGTERM)
+    assert code != 0, "the run ended before it could be stopped"
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM at step" in stderr and "of 12" in stderr and "--resume" in stderr
+    assert not (stopped / "metrics.json").exists() and not (stopped / "compressed").exists()
+    assert any((stopped / "checkpoints").glob("checkpoint-*/manifest.json"))
+    proc = _run(_argv(tiny_dir, stopped, "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((stopped / "metrics.json").read_text())["train_steps"] == 12
+    assert _files(stopped / "compressed") == _files(whole / "compressed")
+
+
+def test_sigkill_then_resume_gives_the_same_export(tiny_dir, whole, tmp_path):
+    killed = tmp_path / "killed"
+    code, _ = _start_and_signal_after_first_checkpoint(_argv(tiny_dir, killed), killed, signal.SIGKILL)
+    assert code == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "metrics.json").exists()
 
     proc = _run(_argv(tiny_dir, killed))  # a plain rerun is refused and changes nothing

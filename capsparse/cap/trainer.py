@@ -27,7 +27,7 @@ from ..pruning.embeddings import freeze_embeddings
 from ..pruning.method import PruningMethod, SoftMovementPruning, StructuredPruning, TopKPruning
 from ..pruning.pruners import SALIENCY_BUFFERS, SCORE_ATTR, build_pruner
 from ..pruning.structured import compact_model
-from ..resources import GracefulStopCallback
+from ..resources import GracefulStopCallback, TrainingStopped, stop_requested
 from ..surgery import exact_state_dict, sparse_layers, sparsify
 from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
@@ -510,6 +510,9 @@ class CAPTrainer(transformers.Trainer):
             self.teacher = self._finetune_teacher()
         out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        signum = stop_requested(self)
+        if signum is not None and self.state.global_step < self.state.max_steps:
+            raise TrainingStopped(self.state.global_step, self.state.max_steps, signum, self.args.output_dir)
         self._check_sparsity()
         return out
 
