@@ -88,16 +88,17 @@ void pack_rows(const float* X, int64_t ld, int64_t rows, int64_t K, float* Ap) {
 // ---------------------------------------------------------------------------------------------
 // fp32 fast path: Y[T, nOut*Wd] = for each output block o: sum_{q in ptr[o]..} A[:, idx[q] block] @ Bp
 // Used for the forward (o = block-row, inner block L = bk, width Wd = bm) and for dX
-// (o = block-column, L = bm, Wd = bk). Bp holds, for output block o, strips of 16 columns:
-// Bp[ptr[o]*L*Wd + s*nb*L*SW + q*L*SW + p*SW + v], SW = strip_width(Wd). AVX2 builds copy each micro-row of MR tokens,
-// restricted to the input blocks some kept block reads, into an interleaved panel (pack_rows): the
+// (o = block-column, L = bm, Wd = bk). Bp holds, for output block o, strips of SW columns (the caller's
+// strip_width(Wd), with which it packed Bp): Bp[ptr[o]*L*Wd + s*nb*L*SW + q*L*SW + p*SW + v]. AVX2 builds
+// copy each micro-row of MR tokens, restricted to the input blocks some kept block reads, into an interleaved
+// panel (pack_rows): the
 // micro-kernel's MR broadcasts then read one contiguous run instead of MR rows a Kin stride apart
 // (rows 3072 floats apart share one L1 set). AVX-512 builds read X in place, as they were tuned.
 // Work items are (token tile, group of output blocks), scheduled dynamically; groups are only
 // split when there are too few token tiles, balanced by kept-block counts.
 // ---------------------------------------------------------------------------------------------
 void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int32_t* ptr, const int32_t* idx,
-              int64_t nOut, int64_t L, int64_t Wd, const float* bias, float* Y) {
+              int64_t nOut, int64_t L, int64_t Wd, int64_t SW, const float* bias, float* Y) {
   const int64_t Nout = nOut * Wd;
   const int MR = MRMAX;
   // tiny problems run on one thread (same result: the split never changes the summation order)
@@ -137,7 +138,6 @@ void spmm_f32(const float* X, int64_t T, int64_t Kin, const float* Bp, const int
   // row-outer was as fast or faster up to 4.5 MB packed (BERT-base shapes, densities 0.1-0.5, 1 and 2 threads)
   const int64_t row_outer_max = MRMAX <= 6 ? (int64_t)8 << 20 : (int64_t)512 << 10;
   const bool row_outer = g_order == 2 || (g_order == 0 && packed_bytes <= row_outer_max);
-  const int64_t SW = strip_width(Wd);
   const ukr_fn kern = ukr_for(MR, (int)SW);
   const int64_t nstrips = Wd / SW;
   // packed panels: the input blocks read (`used`, ascending) and idx remapped to their panel positions
@@ -339,7 +339,7 @@ at::Tensor bsl_forward(const at::Tensor& x, const at::Tensor& weight, const std:
         }
       }
     }
-    spmm_f32(x.data_ptr<float>(), T, K, bp.p, rp, rc, R, bk, bm, bias ? bias->data_ptr<float>() : nullptr,
+    spmm_f32(x.data_ptr<float>(), T, K, bp.p, rp, rc, R, bk, bm, SW, bias ? bias->data_ptr<float>() : nullptr,
              y.data_ptr<float>());
     return y;
   }
@@ -389,7 +389,7 @@ at::Tensor bsl_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, co
         }
       }
     }
-    spmm_f32(grad_y.data_ptr<float>(), T, N, bp.p, cp, cr, C, bm, bk, nullptr, gx.data_ptr<float>());
+    spmm_f32(grad_y.data_ptr<float>(), T, N, bp.p, cp, cr, C, bm, bk, SW, nullptr, gx.data_ptr<float>());
     return gx;
   }
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "bsl_grad_input", [&] {

@@ -26,7 +26,8 @@ at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::
 // Dropout with a Philox mask of (seed, element index); also its own backward (the same masked scaling).
 at::Tensor dropout_apply(const at::Tensor& x, double p, const at::Tensor& seed);
 
-// Tuning knobs (token tile, dW token chunk); 0 = automatic.
+// Tuning knobs (block-sparse: token tile, dW token chunk, loop order, strip width; CSR: tile, chunk, rows);
+// 0 = automatic.
 void set_tuning(int64_t token_tile, int64_t dw_chunk, int64_t order, int64_t strip);
 void set_csr_tile(int64_t tile, int64_t chunk_bytes, int64_t rows);
 std::string simd_info();

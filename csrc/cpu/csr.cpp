@@ -90,26 +90,22 @@ inline void rows_tile(const float* xt, const int32_t* ci, const float* val, cons
       p[j] = bounds[n * nb1 + c];
       e[j] = bounds[n * nb1 + c + 1];
     }
+    auto add = [&](vf* row_acc, int32_t q) {  // row_acc[0:TT] += val[q] * xt[col[q] - k0, 0:TT]
+      const vf w = vbcast(val + q);
+      const float* xr = xt + ((int64_t)ci[q] - k0) * TT;
+#pragma GCC unroll 16
+      for (int a = 0; a < NA; ++a) row_acc[a] = vfma(w, vload(xr + a * VW), row_acc[a]);
+    };
     int32_t common = e[0] - p[0];
 #pragma GCC unroll 4
     for (int j = 1; j < R; ++j) common = std::min(common, e[j] - p[j]);
     for (int32_t s = 0; s < common; ++s) {
 #pragma GCC unroll 4
-      for (int j = 0; j < R; ++j) {
-        const vf w = vbcast(val + p[j] + s);
-        const float* xr = xt + ((int64_t)ci[p[j] + s] - k0) * TT;
-#pragma GCC unroll 16
-        for (int a = 0; a < NA; ++a) acc[j][a] = vfma(w, vload(xr + a * VW), acc[j][a]);
-      }
+      for (int j = 0; j < R; ++j) add(acc[j], p[j] + s);
     }
 #pragma GCC unroll 4
     for (int j = 0; j < R; ++j) {
-      for (int32_t q = p[j] + common; q < e[j]; ++q) {
-        const vf w = vbcast(val + q);
-        const float* xr = xt + ((int64_t)ci[q] - k0) * TT;
-#pragma GCC unroll 16
-        for (int a = 0; a < NA; ++a) acc[j][a] = vfma(w, vload(xr + a * VW), acc[j][a]);
-      }
+      for (int32_t q = p[j] + common; q < e[j]; ++q) add(acc[j], q);
 #pragma GCC unroll 16
       for (int a = 0; a < NA; ++a) vstore(buf + (r + j) * TT + a * VW, acc[j][a]);
     }
@@ -173,7 +169,8 @@ void csr_run(const in_t* x, int64_t T, int64_t K, const int32_t* rp, const int32
   const int64_t nitems = ntiles * ngroups;
   // columns are processed in chunks of (by default) kXtBytes of transposed tile;
   // the partial sums of the item's rows wait in acc between chunks (same summation order as one pass)
-  const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(K, (g_csr_chunk > 0 ? g_csr_chunk : kXtBytes) / (TT * (int64_t)sizeof(float))));
+  const int64_t chunk_bytes = g_csr_chunk > 0 ? g_csr_chunk : kXtBytes;
+  const int64_t KC = std::max<int64_t>(1, std::min<int64_t>(K, chunk_bytes / (TT * (int64_t)sizeof(float))));
   // where each row's kept weights cross into the next column chunk (once per call, not per tile)
   const int64_t nchunks = (std::max<int64_t>(K, 1) + KC - 1) / KC, nb1 = nchunks + 1;
   std::vector<int32_t> bounds(N * nb1);
@@ -235,13 +232,14 @@ void csr_dispatch(const in_t* x, int64_t T, int64_t K, const int32_t* rp, const 
 }  // namespace
 
 void set_csr_tile(int64_t tile, int64_t chunk_bytes, int64_t rows) {
-  TORCH_CHECK(rows == 0 || rows == 1 || rows == 2 || rows == 4, "set_csr_tile: rows must be 0, 1, 2 or 4, got ", rows);
-  g_csr_rows = rows;
-  TORCH_CHECK(chunk_bytes >= 0, "set_csr_tile: chunk_bytes must be >= 0 (0 = automatic), got ", chunk_bytes);
-  g_csr_chunk = chunk_bytes;
+  // every value checked before any is set: a refused call leaves the tuning as it was
   TORCH_CHECK(tile == 0 || tile == 32 || tile == 64 || tile == 128, "set_csr_tile: tile must be 0 (automatic), 32, 64 "
               "or 128, got ", tile);
+  TORCH_CHECK(chunk_bytes >= 0, "set_csr_tile: chunk_bytes must be >= 0 (0 = automatic), got ", chunk_bytes);
+  TORCH_CHECK(rows == 0 || rows == 1 || rows == 2 || rows == 4, "set_csr_tile: rows must be 0, 1, 2 or 4, got ", rows);
   g_csr_tile = tile;
+  g_csr_chunk = chunk_bytes;
+  g_csr_rows = rows;
 }
 
 at::Tensor csr_linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,

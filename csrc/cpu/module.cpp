@@ -25,7 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("p"), py::arg("seed"));
   m.def("set_tuning", &capsparse::set_tuning, "token tile / dW chunk / loop order / strip width (0 = automatic)",
         py::arg("token_tile"), py::arg("dw_chunk"), py::arg("order") = 0, py::arg("strip") = 0);
-  m.def("set_csr_tile", &capsparse::set_csr_tile, "CSR token tile and column-chunk bytes (0 = automatic)",
+  m.def("set_csr_tile", &capsparse::set_csr_tile, "CSR token tile / column-chunk bytes / rows at a time (0 = automatic)",
         py::arg("tile"), py::arg("chunk_bytes") = 0, py::arg("rows") = 0);
   m.def("simd_info", &capsparse::simd_info);
 }

@@ -81,7 +81,7 @@ static inline void transpose8x8_store(__m256 r0, __m256 r1, __m256 r2, __m256 r3
 }
 #endif
 
-// mode 0: start from zero; 1: accumulate into C; 2: start from the 16-vector `init` (bias).
+// mode 0: start from zero; 1: accumulate into C; 2: start from the strip-wide vector `init` (bias).
 template <int MR, int SV = NV>
 static inline __attribute__((always_inline)) void ukr(int64_t nb, const int32_t* __restrict idx, int64_t L, const float* __restrict A, int64_t a_blk,
                 int64_t lda, int64_t a_row, const float* __restrict B, int64_t b_blk, int64_t ldb, float* __restrict C,
