@@ -10,7 +10,6 @@ from ..layout import check_sparsity, normalize_block_size
 from ..ops.contrastive import NORMALIZATIONS
 from ..pruning.pruners import BLOCK_SCORE_MODES, SCORE_CRITERIA, SCORE_INIT_MODES
 from ..pruning.schedule import SCHEDULE_UNITS
-from .final_average import FINAL_AVERAGES
 from .query_head import QUERY_HEADS
 from .score_objective import SCORE_OBJECTIVES
 
@@ -61,10 +60,6 @@ class CAPConfig:
             at the end (0 -> 0.1), and minimum fraction kept per matrix.
         schedule_warmup, schedule_unit, initial_warmup, final_warmup: the cubic schedule's unit ``w`` (in
             "steps", "epochs" or a "fraction" of training) and its warm-up / cool-down multipliers.
-        final_average, final_average_decay: "none" (default, official: the model ends with its last step's
-            weights) or "ema": an exponential moving average of the trainable weights over the final-mask steps
-            (those after the cubic schedule's end), with this decay; the model ends with the average, its masks
-            the scores' own (``capsparse/cap/final_average.py``). Methods with a cubic schedule only.
         structured_steps, epochs_per_step, structured_warmup_ratio, heads_protected, importance_batches:
             CAP-f: number of cumulative pruning steps (10%..90% for 9 and a 0.9 target), re-training epochs per step,
             LR warm-up ratio within each step, active heads protected per layer, and a cap on the batches of the
@@ -124,8 +119,6 @@ class CAPConfig:
     schedule_unit: str = "steps"
     initial_warmup: float = 2.0
     final_warmup: float = 3.0
-    final_average: str = "none"
-    final_average_decay: float = 0.99
     structured_steps: int = 9
     epochs_per_step: float = 2.0
     structured_warmup_ratio: float = 0.1
@@ -179,17 +172,6 @@ class CAPConfig:
         choice("score_objective", SCORE_OBJECTIVES)
         choice("contrastive_phase", CONTRASTIVE_PHASES)
         choice("query_head", QUERY_HEADS)
-        choice("final_average", FINAL_AVERAGES)
-        if not (isinstance(self.final_average_decay, (int, float)) and 0 < self.final_average_decay < 1):
-            raise ValueError(f"final_average_decay: expected a number in (0, 1), got {self.final_average_decay!r}")
-        if self.final_average == "none" and self.final_average_decay != 0.99:
-            raise ValueError(f"final_average_decay: set to {self.final_average_decay!r}, but final_average='none' "
-                             f"averages nothing; expected final_average='ema' or the default 0.99")
-        if self.final_average != "none" and (self.method == "first-order" or not self.final_warmup > 0):
-            raise ValueError(f"final_average: {self.final_average!r} averages the weights over the cubic schedule's "
-                             f"final-mask steps, but method={self.method!r} with final_warmup={self.final_warmup} "
-                             f"has {'no cubic schedule' if self.method == 'first-order' else 'none'}; expected "
-                             f"'none'")
         if self.query_head != "none" and not self.use_cap:
             raise ValueError(f"query_head: {self.query_head!r} maps the contrastive query, but use_cap=False has no "
                              f"contrastive terms; expected 'none'")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import math
 import os
 import warnings
@@ -32,13 +31,10 @@ from ..resources import GracefulStopCallback, TrainingStopped, stop_requested
 from ..surgery import exact_state_dict, sparse_layers, sparsify
 from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
-from .final_average import FinalMaskAverage
 from .heads import check_teacher, is_qa_model, task_head  # noqa: F401  (is_qa_model: re-exported)
 from .losses import RepresentationTap, cap_objective
 from .query_head import average_head_grads, build_query_head
 from .score_objective import TaskScoreGradients
-
-logger = logging.getLogger(__name__)
 
 CAP_STATE_NAME = "cap_state.pt"
 
@@ -65,7 +61,6 @@ class _CAPCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer.query_head is not None:  # Trainer zeroes the model's gradients only
             self.trainer.query_head.zero_grad(set_to_none=True)
-        self.trainer._average_final_weights(state.global_step)  # before the next masks: the step just taken
         # masks for the next step's forwards (official: the scheduled value at global_step, at each forward)
         self.trainer.pruning.step(state.global_step + 1)
 
@@ -131,9 +126,6 @@ class CAPTrainer(transformers.Trainer):
             raise ValueError(f"load_best_model_at_end=True: CAPTrainer chooses among checkpoints at the target "
                              f"sparsity through Trainer._determine_best_metric, which transformers "
                              f"{transformers.__version__} lacks; set load_best_model_at_end=False")
-        if getattr(args, "load_best_model_at_end", False) and cap_config.final_average != "none":
-            raise ValueError(f"load_best_model_at_end=True with final_average={cap_config.final_average!r}: the run "
-                             f"would end with both a chosen checkpoint and the averaged weights; set one of them off")
         if getattr(args, "fp16", False) and cap_config.score_criterion == "saliency":
             raise ValueError("fp16=True with score_criterion='saliency': the gradient scaler never unscales the "
                              "saliency statistics' gradients (they are not parameters); use bf16=True or fp32")
@@ -163,9 +155,6 @@ class CAPTrainer(transformers.Trainer):
         self.pruning = pruning_method(cfg, model, self)  # what prunes, and when
         if cfg.embeddings_frozen:
             freeze_embeddings(model)
-        # final_average="ema": after the freezing, so that frozen weights are not averaged
-        self.final_average = (FinalMaskAverage(model, cfg.final_average_decay, skip=(SCORE_ATTR,))
-                              if cfg.final_average == "ema" else None)
         self.tap = RepresentationTap(model)
         # training-only, beside the model (never exported): optimizer, cap_state.pt, grads averaged by hand
         self.query_head = build_query_head(cfg.query_head, model.config.hidden_size)  # config: none without CAP
@@ -352,21 +341,6 @@ class CAPTrainer(transformers.Trainer):
                 torch.nn.utils.clip_grad_norm_(self.query_head.parameters(), self.args.max_grad_norm)
         self.pruning.before_optimizer_step()
 
-    def _average_final_weights(self, step: int) -> None:
-        # the step just taken ran at the final mask (the cubic value is final from step prune_end on)
-        if self.final_average is not None and step >= self.schedule.prune_end:
-            self.final_average.update()
-
-    def _apply_final_average(self) -> None:
-        if self.final_average is None:
-            return
-        if not self.final_average.apply():
-            raise RuntimeError(f"final_average: no optimizer step ran at the final mask (the schedule's final mask "
-                               f"starts at step {self.schedule.prune_end:g} of {self.state.max_steps}); "
-                               f"expected a final_warmup that leaves at least one step")
-        logger.info("final_average: the model takes the EMA (decay %g) of its weights over the last %d steps",
-                 self.final_average.decay, self.final_average.steps)
-
     def _bank_reps(self, state) -> dict:
         cfg = self.cap_config
         reps = {}
@@ -539,7 +513,6 @@ class CAPTrainer(transformers.Trainer):
         signum = stop_requested(self)
         if signum is not None and self.state.global_step < self.state.max_steps:
             raise TrainingStopped(self.state.global_step, self.state.max_steps, signum, self.args.output_dir)
-        self._apply_final_average()
         self._check_sparsity()
         return out
 
@@ -562,7 +535,6 @@ class CAPTrainer(transformers.Trainer):
                 "bank_reps": None if self.banks is None else {n: b.max_reps for n, b in self.banks.banks.items()},
                 "snapshot_epochs": sorted(self.snapshot_epochs),
                 "query_head": None if self.query_head is None else self.query_head.state_dict(),
-                "final_average": None if self.final_average is None else self.final_average.state_dict(),
                 **self.pruning.state_dict()}
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
@@ -614,13 +586,6 @@ class CAPTrainer(transformers.Trainer):
                              f"{self.cap_config.query_head!r}; expected the checkpoint's setting")
         if head is not None:
             self.query_head.load_state_dict(head)
-        average = state.get("final_average")
-        if (average is None) != (self.final_average is None):
-            raise ValueError(f"resume_from_checkpoint: {checkpoint} was saved with final_average="
-                             f"{'none' if average is None else 'ema'}, but final_average="
-                             f"{self.cap_config.final_average!r}; expected the checkpoint's setting")
-        if average is not None:
-            self.final_average.load_state_dict(average)
         self.pruning.load_state_dict(state)
         self._restored = True
 
