@@ -267,6 +267,42 @@ def test_collapse_probe_script(tiny_model_dir, tmp_path):
 
 
 @needs_glue
+def test_attention_probe_script(tiny_model_dir, tmp_path):
+    """scripts/attention_probe.py: zero KL for an export of the teacher itself, uniform rows (entropy ln n) and a
+    positive KL for a student whose query projections are zero."""
+    probe = load_script("attention_probe")
+    same, flat = tmp_path / "same", tmp_path / "flat"
+    assert cli.main(["export", "--model", str(tiny_model_dir), "--output-dir", str(same)]) == 0
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight.zero_()
+            layer.attention.self.query.bias.zero_()
+    src = tmp_path / "flat-src"
+    model.save_pretrained(src)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(src)
+    assert cli.main(["export", "--model", str(src), "--output-dir", str(flat)]) == 0
+    out = tmp_path / "attention.json"
+    assert probe.main([str(tiny_model_dir), str(same), str(flat), "--task", "mrpc", "--examples", "4",
+                       "--out", str(out)]) == 0
+    table = json.loads(out.read_text())["models"]
+    assert max(table[str(same)]["kl_from_teacher"]) < 1e-5
+    assert table[str(same)]["entropy"] == pytest.approx(table["teacher"]["entropy"], rel=1e-5)
+    from capsparse.data import load_glue
+
+    dev = load_glue("mrpc", "validation")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    enc = tok(list(dev["sentence1"][:4]), list(dev["sentence2"][:4]), truncation=True, max_length=128)
+    lengths = torch.tensor([len(ids) for ids in enc["input_ids"]], dtype=torch.float64)
+    want = float((lengths * lengths.log()).sum() / lengths.sum())  # each real row is uniform over its n tokens
+    assert table[str(flat)]["entropy"] == pytest.approx([want] * 2, rel=1e-4)
+    # KL(t || uniform) = ln n - H(t) row by row
+    assert table[str(flat)]["kl_from_teacher"] == pytest.approx([want - h for h in table["teacher"]["entropy"]],
+                                                                rel=1e-3, abs=1e-6)
+    assert len(table["teacher"]["cross_share"]) == 2
+
+
+@needs_glue
 def test_demo_tiny_budget(tiny_model_dir, tmp_path, capsys):
     """`capsparse demo` end to end on a tiny model: teacher, CAP-m and movement rows, exports, table, hint."""
     out = tmp_path / "demo"

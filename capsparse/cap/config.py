@@ -78,6 +78,11 @@ class CAPConfig:
             share the hidden size, so no projection). It needs a no-grad teacher forward per training step.
             0.0 (default, every recipe): off, as the official code. Measured on SST-2 at 90% (docs/results.md,
             eighth set): 5.0 helps plain movement (+0.65 points, 3 seeds) but not CAP-m (-0.11).
+        w_attention: weight of attention-distribution distillation, ``w_attention * mean_l KL(A_T^l || A_S^l)``
+            over the heads and real query tokens of every encoder layer, ``A = softmax(q k^T / sqrt(d))`` from the
+            query and key projections (TinyBERT's and MiniLM's self-attention transfer). It keeps the pattern of
+            which token reads which, which a pruned student's attention loses first (its rows drift towards
+            uniform). It needs a no-grad teacher forward per training step. 0.0 (default, every recipe): off.
         n_extra_keys: extra random keys per bank per step (``floor(n / R)`` examples with their R vectors).
         representation: "cls" (default: the last encoder layer's ``[CLS]`` vector; measured better than the
             pooler at short budgets, docs/results.md), "pooler" (official GLUE; the query after the classifier
@@ -136,6 +141,7 @@ class CAPConfig:
     w_kd: float = 0.9
     kd_temperature: float = 2.0
     w_hidden: float = 0.0
+    w_attention: float = 0.0
     normalization: str = "official"
     n_extra_keys: int = 4096
     representation: str = "cls"
@@ -215,10 +221,13 @@ class CAPConfig:
         for name in ("temperature", "kd_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
-        for name in ("w_u", "w_s", "w_ce", "w_kd", "w_hidden", "score_lr", "soft_lambda_final", "sparsity_tolerance",
-                     "teacher_epochs"):
+        for name in ("w_u", "w_s", "w_ce", "w_kd", "w_hidden", "w_attention", "score_lr", "soft_lambda_final",
+                     "sparsity_tolerance", "teacher_epochs"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
+        if self.w_attention > 0 and self.method == "first-order":
+            raise ValueError(f"w_attention: {self.w_attention!r} compares student and teacher attention head by head, "
+                             f"but 'first-order' removes heads; use w_attention=0 with it")
         if self.nan_policy not in ("skip", "stop"):
             raise ValueError(f"nan_policy: expected 'skip' or 'stop', got {self.nan_policy!r}")
         if not isinstance(self.n_extra_keys, int) or self.n_extra_keys < 0:
@@ -263,8 +272,8 @@ class CAPConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        """Whether a run reads a teacher: KD, layer-wise distillation or the FiC bank."""
-        return self.w_kd > 0 or self.w_hidden > 0 or "fic" in self.active_banks
+        """Whether a run reads a teacher: KD, layer-wise or attention distillation, or the FiC bank."""
+        return self.w_kd > 0 or self.w_hidden > 0 or self.w_attention > 0 or "fic" in self.active_banks
 
     # -- recipes -----------------------------------------------------------------------------------------
     @classmethod

@@ -2,6 +2,7 @@
 
     L = w_ce * CE + sum_b (w_u * L_u^b + w_s * L_s^b) + w_kd * T^2 * KL(p_T || p_S) (batchmean) + lambda_t * L1
         [+ w_hidden * mean_l MSE(h_S^l, h_T^l): layer-wise distillation, off by default]
+        [+ w_attention * mean_l KL(A_T^l || A_S^l): attention-distribution distillation, off by default]
 
 The contrastive terms use :func:`capsparse.ops.cap_contrastive_loss` per bank, with the keys of
 :meth:`capsparse.cap.banks.BankSet.keys_for`. Teacher logits come from the per-example cache filled
@@ -82,6 +83,49 @@ class RepresentationTap:
 QA_PAD_LOGIT = -1e4
 
 
+class QueryKeyTap:
+    """Forward hooks on the query and key projections of every encoder self-attention (modules with ``query``,
+    ``key`` and ``attention_head_size``, as BERT's): while :attr:`on`, the last forward's ``(q, k)`` per layer,
+    for the attention-distribution term."""
+
+    def __init__(self, model: nn.Module):
+        attentions = [m for m in model.modules()
+                      if all(hasattr(m, a) for a in ("query", "key", "attention_head_size"))]
+        if not attentions:
+            raise ValueError(f"model: w_attention needs self-attention modules with query / key projections, "
+                             f"{type(model).__name__} has none")
+        self.head_dim = int(attentions[0].attention_head_size)
+        self.on = False
+        self._out: Dict[tuple, torch.Tensor] = {}
+        self._handles = []
+        for i, m in enumerate(attentions):
+            for role in ("q", "k"):
+                module = m.query if role == "q" else m.key
+                self._handles.append(module.register_forward_hook(self._recorder((i, role))))
+        self.layers = len(attentions)
+
+    def _recorder(self, key):
+        def hook(module, args, output):
+            if self.on:
+                self._out[key] = output
+        return hook
+
+    def pairs(self):
+        """``[(q, k)]`` per layer from the last forward while on."""
+        missing = [i for i in range(self.layers) if (i, "q") not in self._out or (i, "k") not in self._out]
+        if missing:
+            raise RuntimeError(f"QueryKeyTap: no query / key output recorded for layers {missing}")
+        return [(self._out[(i, "q")], self._out[(i, "k")]) for i in range(self.layers)]
+
+    def clear(self) -> None:
+        self._out = {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def qa_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SQuAD KD: ``(KD(start) + KD(end)) / 2`` with ``KD = T^2 * KL(softmax(z_T/T) || softmax(z_S/T))``, ``batchmean``.
@@ -147,6 +191,47 @@ def hidden_distillation_loss(student_hidden, teacher_hidden, attention_mask: Opt
     return total / len(student_hidden)
 
 
+def attention_distillation_loss(student_qk, teacher_qk, head_dim: int,
+                                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention-distribution distillation: the mean over layers of ``KL(A_T || A_S)`` per query row, averaged
+    over heads and real query tokens, with ``A = softmax(q k^T / sqrt(d_head))`` over the real keys.
+
+    ``student_qk`` / ``teacher_qk``: sequences (one per layer) of ``(q, k)`` projections ``[B, L, D]``, ``D`` a
+    multiple of ``head_dim`` and the same in student and teacher; ``attention_mask`` ``[B, L]`` (1 = real token;
+    ``None``: all of them)."""
+    if len(student_qk) != len(teacher_qk) or not student_qk:
+        raise ValueError(f"attention projections: expected the same number of layers from student and teacher, "
+                         f"got {len(student_qk)} and {len(teacher_qk)}")
+    q0 = student_qk[0][0]
+    keep = None if attention_mask is None else attention_mask.to(device=q0.device, dtype=torch.bool)
+    total = 0.0
+    for layer, ((qs, ks), (qt, kt)) in enumerate(zip(student_qk, teacher_qk)):
+        if qs.shape != qt.shape or qs.shape[-1] % head_dim:
+            raise ValueError(f"attention projections of layer {layer}: expected student and teacher of one shape, a "
+                             f"multiple of head_dim={head_dim} wide, got {tuple(qs.shape)} and {tuple(qt.shape)}")
+        log_s = _attention_log_probs(qs.float(), ks.float(), head_dim, keep)
+        with torch.no_grad():
+            log_t = _attention_log_probs(qt.detach().float().to(qs.device), kt.detach().float().to(qs.device),
+                                         head_dim, keep)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B, H, L]: padded keys have t = 0 and add nothing
+        if keep is None:
+            total = total + kl.mean()
+        else:
+            rows = keep[:, None, :].to(kl.dtype)
+            total = total + (kl * rows).sum() / (rows.sum() * kl.shape[1]).clamp_min(1.0)
+    return total / len(student_qk)
+
+
+def _attention_log_probs(q, k, d: int, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    b, length, width = q.shape
+    q = q.view(b, length, width // d, d).transpose(1, 2)
+    k = k.view(b, -1, width // d, d).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * d ** -0.5
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
+    return torch.log_softmax(scores, dim=-1)
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE over ``[B, C]`` logits."""
     return F.cross_entropy(logits.float(), labels.long())
@@ -161,7 +246,7 @@ def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch
                   query: Optional[torch.Tensor], banks=None, teacher_logits: Optional[torch.Tensor] = None,
                   contrastive_labels: Optional[torch.Tensor] = None, regularization: Optional[torch.Tensor] = None,
                   reg_lambda: float = 0.0, use_contrastive: bool = True, attention_mask: Optional[torch.Tensor] = None,
-                  head=None, split: bool = False, hidden=None):
+                  head=None, split: bool = False, hidden=None, attention=None):
     """``(total, components)``; components are detached scalars (ce, kd, <bank>_u, <bank>_s, l1).
     ``split=True``: ``(total, components, task, contrastive)``, ``total`` split into its task terms (CE, KD, L1)
     and its contrastive terms (``None`` when there are none), both in the graph, for routing their gradients.
@@ -169,7 +254,9 @@ def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch
     ``head``: the task head (:mod:`capsparse.cap.heads`) whose ``task_loss`` and ``kd_loss`` (given
     ``attention_mask``) apply; ``None``: classification (CE, ``T^2 * KL``). ``contrastive_labels=None``:
     unsupervised positives only (question answering has no labels to compare). ``hidden``: ``(student layers,
-    teacher layers)`` for the layer-wise distillation term (``config.w_hidden``), or ``None``."""
+    teacher layers)`` for the layer-wise distillation term (``config.w_hidden``), or ``None``. ``attention``:
+    ``(student (q, k) per layer, teacher (q, k) per layer, head_dim)`` for the attention-distribution term
+    (``config.w_attention``), or ``None``."""
     parts: Dict[str, torch.Tensor] = {}
     ce = head.task_loss(logits, labels) if head is not None else classification_loss(logits, labels)
     total = config.w_ce * ce
@@ -186,6 +273,10 @@ def cap_objective(config, logits: torch.Tensor, labels: torch.Tensor, ids: torch
         hd = hidden_distillation_loss(hidden[0], hidden[1], attention_mask)
         total = total + config.w_hidden * hd
         parts["hidden"] = hd.detach()
+    if attention is not None and config.w_attention > 0:
+        ad = attention_distillation_loss(attention[0], attention[1], attention[2], attention_mask)
+        total = total + config.w_attention * ad
+        parts["attention"] = ad.detach()
     if use_contrastive and banks is not None and query is not None:
         supervised = config.w_s > 0 and contrastive_labels is not None
         for name, bank in banks.ready().items():

@@ -32,7 +32,7 @@ from ..surgery import exact_state_dict, sparse_layers, sparsify
 from .banks import BankSet, encode_pass, shard_indices
 from .config import CAPConfig
 from .heads import check_teacher, is_qa_model, task_head  # noqa: F401  (is_qa_model: re-exported)
-from .losses import RepresentationTap, cap_objective
+from .losses import QueryKeyTap, RepresentationTap, cap_objective
 from .query_head import average_head_grads, build_query_head
 from .score_objective import TaskScoreGradients
 
@@ -156,6 +156,7 @@ class CAPTrainer(transformers.Trainer):
         if cfg.embeddings_frozen:
             freeze_embeddings(model)
         self.tap = RepresentationTap(model)
+        self._qk_taps = None  # (student, teacher) QueryKeyTap, made on first use: the teacher may be fine-tuned later
         # training-only, beside the model (never exported): optimizer, cap_state.pt, grads averaged by hand
         self.query_head = build_query_head(cfg.query_head, model.config.hidden_size)  # config: none without CAP
 
@@ -244,7 +245,7 @@ class CAPTrainer(transformers.Trainer):
             return reps, head.cache_logits(head.logits(out), batch.get("attention_mask"))
         return fn
 
-    def _objective(self, logits, labels, ids, attention_mask, use_contrastive=True, hidden=None):
+    def _objective(self, logits, labels, ids, attention_mask, use_contrastive=True, hidden=None, attention=None):
         cfg = self.cap_config
         teacher_logits = None
         if cfg.w_kd > 0 and self.banks is not None and self.banks.teacher_logits is not None:
@@ -260,7 +261,7 @@ class CAPTrainer(transformers.Trainer):
                              teacher_logits=teacher_logits, contrastive_labels=self.head.contrastive_labels(labels),
                              regularization=reg, reg_lambda=self.pruning.reg_lambda(self.state.global_step),
                              use_contrastive=use_contrastive, attention_mask=attention_mask, head=self.head,
-                             split=True, hidden=hidden)
+                             split=True, hidden=hidden, attention=attention)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs, labels, ids = self.head.split(inputs)
@@ -268,15 +269,26 @@ class CAPTrainer(transformers.Trainer):
             raise ValueError(self.head.missing_labels)
         self.tap.clear()
         self._task_score_grads.disarm()
-        layerwise = model.training and ids is not None and self.cap_config.w_hidden > 0
-        outputs = model(**inputs, output_hidden_states=True) if layerwise else model(**inputs)
+        training = model.training and ids is not None
+        layerwise = training and self.cap_config.w_hidden > 0
+        attention = training and self.cap_config.w_attention > 0
+        if attention:
+            if self._qk_taps is None:
+                self._qk_taps = (QueryKeyTap(self.model), QueryKeyTap(self.teacher))
+            self._qk_taps[0].clear()
+            self._qk_taps[0].on = True
+        try:
+            outputs = model(**inputs, output_hidden_states=True) if layerwise else model(**inputs)
+        finally:
+            if attention:
+                self._qk_taps[0].on = False
         logits = self.head.logits(outputs)
-        if not model.training or ids is None:  # evaluation: the task loss only
+        if not training:  # evaluation: the task loss only
             loss = self.head.task_loss(logits, labels)
         else:
-            hidden = self._layer_pairs(outputs, inputs) if layerwise else None
+            hidden, attn = self._teacher_pairs(outputs, inputs, layerwise, attention)
             loss, parts, task, contrastive = self._objective(logits, labels, ids, inputs.get("attention_mask"),
-                                                             hidden=hidden)
+                                                             hidden=hidden, attention=attn)
             if self.cap_config.score_objective == "task" and contrastive is not None and torch.is_grad_enabled():
                 self._task_score_grads.arm(loss, task, self.pruning.score_tensors())
             for k, v in parts.items():
@@ -284,13 +296,30 @@ class CAPTrainer(transformers.Trainer):
             self._parts_n += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _layer_pairs(self, outputs, inputs):
-        """(student, teacher) encoder-layer outputs for the layer-wise distillation term; the embedding output
-        (index 0) is left out: the term matches what the encoder layers compute (embeddings are frozen by default
-        in the unstructured methods, where the student's equals the teacher's)."""
-        with torch.no_grad():
-            teacher_out = self.teacher(**inputs, output_hidden_states=True)
-        return outputs.hidden_states[1:], teacher_out.hidden_states[1:]
+    def _teacher_pairs(self, outputs, inputs, layerwise: bool, attention: bool):
+        """One no-grad teacher forward for the distillation terms that need one: ``(hidden, attention)``, each
+        ``None`` when off. ``hidden``: (student, teacher) encoder-layer outputs, the embedding output (index 0)
+        left out (the term matches what the encoder layers compute; embeddings are frozen by default in the
+        unstructured methods, where the student's equals the teacher's). ``attention``: (student, teacher)
+        ``(q, k)`` per layer and the head width."""
+        if not (layerwise or attention):
+            return None, None
+        student_tap, teacher_tap = self._qk_taps if attention else (None, None)
+        if attention:
+            teacher_tap.clear()
+            teacher_tap.on = True
+        try:
+            with torch.no_grad():
+                teacher_out = self.teacher(**inputs, output_hidden_states=True) if layerwise else self.teacher(**inputs)
+        finally:
+            if attention:
+                teacher_tap.on = False
+        hidden = (outputs.hidden_states[1:], teacher_out.hidden_states[1:]) if layerwise else None
+        attn = (student_tap.pairs(), teacher_tap.pairs(), student_tap.head_dim) if attention else None
+        if attention:
+            student_tap.clear()
+            teacher_tap.clear()
+        return hidden, attn
 
     # -- optimizer / scheduler -------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -603,6 +632,10 @@ class CAPTrainer(transformers.Trainer):
         """Remove score parameters and hooks: the model keeps plain SparseLinear layers with their masks."""
         self.pruning.finalize()
         self.tap.remove()
+        if self._qk_taps is not None:  # the attention term's hooks, on the student and on the teacher
+            for tap in self._qk_taps:
+                tap.remove()
+            self._qk_taps = None
 
 
 def pruning_method(cfg: CAPConfig, model, trainer: Optional[CAPTrainer] = None) -> PruningMethod:
