@@ -49,7 +49,7 @@ def test_ddp_two_processes_equal_single(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", str(script), TESTS, str(ddp)], env=_env(), timeout=240,
+                           "--standalone", str(script), TESTS, str(ddp)], env=_env(), timeout=240,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     a = torch.load(single / "result.pt", weights_only=False)

@@ -387,8 +387,8 @@ def test_prune_under_torchrun_two_processes(tiny_model_dir, tmp_path):
     out = tmp_path / "ddp-prune"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore",
                CAPSPARSE_GLUE_DIR=str(GLUE))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29541", "-m", "capsparse", "prune", "--model", str(tiny_model_dir), "--teacher",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "capsparse", "prune", "--model", str(tiny_model_dir), "--teacher",
                            str(tiny_model_dir), "--method", "movement", "--cap", "--sparsity", "0.5", "--max-steps", "4",
                            "--batch-size", "8", *COMMON[:2], "--max-length", "32", "--max-train-examples", "64",
                            "--max-eval-examples", "32", "--output-dir", str(out)],

@@ -85,6 +85,6 @@ def test_head_gradients_are_averaged_over_processes(tmp_path):
     script = tmp_path / "average.py"
     script.write_text(_AVERAGE)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29541", str(script)], env=env, timeout=120, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script)], env=env, timeout=120, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
