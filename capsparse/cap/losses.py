@@ -18,6 +18,7 @@ with the batch (the official code pads every feature to 384 and includes the pad
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 import torch
@@ -116,6 +117,16 @@ class QueryKeyTap:
         if missing:
             raise RuntimeError(f"QueryKeyTap: no query / key output recorded for layers {missing}")
         return [(self._out[(i, "q")], self._out[(i, "k")]) for i in range(self.layers)]
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record the forwards run inside the block (earlier records are dropped first)."""
+        self._out = {}
+        self.on = True
+        try:
+            yield self
+        finally:
+            self.on = False
 
     def clear(self) -> None:
         self._out = {}

@@ -7,6 +7,7 @@ Signature (stable; the CLI calls it directly)::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -272,16 +273,10 @@ class CAPTrainer(transformers.Trainer):
         training = model.training and ids is not None
         layerwise = training and self.cap_config.w_hidden > 0
         attention = training and self.cap_config.w_attention > 0
-        if attention:
-            if self._qk_taps is None:
-                self._qk_taps = (QueryKeyTap(self.model), QueryKeyTap(self.teacher))
-            self._qk_taps[0].clear()
-            self._qk_taps[0].on = True
-        try:
+        if attention and self._qk_taps is None:
+            self._qk_taps = (QueryKeyTap(self.model), QueryKeyTap(self.teacher))
+        with self._qk_taps[0].recording() if attention else contextlib.nullcontext():
             outputs = model(**inputs, output_hidden_states=True) if layerwise else model(**inputs)
-        finally:
-            if attention:
-                self._qk_taps[0].on = False
         logits = self.head.logits(outputs)
         if not training:  # evaluation: the task loss only
             loss = self.head.task_loss(logits, labels)
@@ -304,20 +299,14 @@ class CAPTrainer(transformers.Trainer):
         ``(q, k)`` per layer and the head width."""
         if not (layerwise or attention):
             return None, None
-        student_tap, teacher_tap = self._qk_taps if attention else (None, None)
-        if attention:
-            teacher_tap.clear()
-            teacher_tap.on = True
-        try:
-            with torch.no_grad():
-                teacher_out = self.teacher(**inputs, output_hidden_states=True) if layerwise else self.teacher(**inputs)
-        finally:
-            if attention:
-                teacher_tap.on = False
+        with torch.no_grad(), self._qk_taps[1].recording() if attention else contextlib.nullcontext():
+            teacher_out = self.teacher(**inputs, output_hidden_states=True) if layerwise else self.teacher(**inputs)
         hidden = (outputs.hidden_states[1:], teacher_out.hidden_states[1:]) if layerwise else None
-        attn = (student_tap.pairs(), teacher_tap.pairs(), student_tap.head_dim) if attention else None
+        attn = None
         if attention:
-            student_tap.clear()
+            student_tap, teacher_tap = self._qk_taps
+            attn = (student_tap.pairs(), teacher_tap.pairs(), student_tap.head_dim)
+            student_tap.clear()  # the loss holds what it needs; the taps keep nothing past the step
             teacher_tap.clear()
         return hidden, attn
 
